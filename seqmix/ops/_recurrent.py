@@ -1,0 +1,157 @@
+"""What every recurrent family shares: the validated call, segment resets and the token-loop reference.
+
+Conventions (FAMILIES.md §0): q, k ``[B, T, H, Dk]``, v ``[B, T, H, Dv]``; states fp32 ``[B, H, Dk, Dv]``;
+``o_t = S_tᵀ (scale·q_t)``; gates in natural-log space (``g <= 0``); ``segment_ids [B, T]`` reset the state
+to 0 at every ``t >= 1`` whose segment differs from ``t - 1``; ``initial_state`` feeds the tokens before
+the first reset of each row; ``final_state`` is the state after the row's last token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from seqmix.ops import _checks
+
+Array = Any
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentCall:
+    """A validated call of a recurrent family.
+
+    q, k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]`` (input dtype). g: fp32 log decay, ``[B, T, H]``
+    (scalar per head) or ``[B, T, H, Dk]`` (per channel) or None (no decay). beta: fp32 ``[B, T, H]`` or
+    None. initial_state: fp32 ``[B, H, Dk, Dv]`` or None. resets: bool ``[B, T]``, True where the state
+    restarts (t >= 1 and the segment changes) or None. options: hashable family options.
+    """
+
+    q: Array
+    k: Array
+    v: Array
+    scale: float
+    initial_state: Array | None
+    return_state: bool
+    segment_ids: Array | None
+    resets: Array | None
+    chunk_size: int
+    g: Array | None = None
+    beta: Array | None = None
+    options: tuple = ()
+
+    def option(self, name: str, default=None):
+        return dict(self.options).get(name, default)
+
+    def finish(self, o, final_state):
+        """The op's return value: ``o`` (input dtype) or ``(o, final_state)``."""
+        o = o.astype(self.q.dtype)
+        return (o, final_state) if self.return_state else o
+
+
+def resets_from_segments(segment_ids: Array) -> Array:
+    """bool ``[B, T]``: True at t >= 1 where ``segment_ids[:, t] != segment_ids[:, t - 1]``."""
+    first = jnp.zeros_like(segment_ids[:, :1], dtype=bool)
+    return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+
+
+def prepare_recurrent(q, k, v, *, scale=None, initial_state=None, return_state=False, segment_ids=None,
+                      chunk_size=64, g=None, g_kinds=(), beta=None, beta_range=None,
+                      options=()) -> RecurrentCall:
+    """Validate the arguments shared by recurrent ops.
+
+    g_kinds: which gate shapes the family accepts, from ``"scalar"`` (``[B, T, H]``), ``"channel"``
+    (``[B, T, H, Dk]``) and ``"head"`` (``[H]``, a constant per-head decay broadcast over B and T).
+    beta_range: ``(lo, hi)`` open interval beta must lie in, checked only on concrete (non-traced) input.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.require_rank(name, x, 4, "[batch, seq, heads, head_dim]")
+        _checks.require_float(name, x)
+    _checks.require_same_dtype(q=q, k=k, v=v)
+    b, t, h, dk = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape {list(q.shape)} [batch, seq, heads, d_k]; got k {list(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must match q in [batch, seq, heads] = {list(q.shape[:3])}; got v {list(v.shape)}")
+    if t == 0:
+        raise ValueError("sequence length must be >= 1")
+    dv = v.shape[3]
+    scale = 1.0 / math.sqrt(dk) if scale is None else _checks.require_positive("scale", scale, allow_none=False)
+    if initial_state is not None:
+        _checks.require_float("initial_state", initial_state)
+        _checks.require_shape("initial_state", initial_state, (b, h, dk, dv), "[batch, heads, d_k, d_v]")
+        initial_state = jnp.asarray(initial_state, jnp.float32)
+    resets = None
+    if segment_ids is not None:
+        segment_ids = _checks.require_int_array("segment_ids", segment_ids, (b, t), "[batch, seq]")
+        resets = resets_from_segments(segment_ids)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    if g is not None:
+        g = _check_gate(g, g_kinds, b, t, h, dk)
+    elif g_kinds:
+        raise ValueError(f"this op needs a log-space gate g of shape {_gate_layouts(g_kinds, b, t, h, dk)}")
+    if beta is not None:
+        _checks.require_float("beta", beta)
+        _checks.require_shape("beta", beta, (b, t, h), "[batch, seq, heads]")
+        beta = jnp.asarray(beta, jnp.float32)
+        if beta_range is not None and not isinstance(beta, jax.core.Tracer):
+            lo, hi = beta_range
+            bmin, bmax = float(jnp.min(beta)), float(jnp.max(beta))
+            if not (bmin >= lo and bmax <= hi):
+                raise ValueError(f"beta must lie in [{lo}, {hi}]; got values in [{bmin:.4g}, {bmax:.4g}]")
+    return RecurrentCall(q, k, v, scale, initial_state, bool(return_state), segment_ids, resets,
+                         chunk_size, g, beta, tuple(options))
+
+
+def _gate_layouts(kinds, b, t, h, dk) -> str:
+    shapes = {"scalar": [b, t, h], "channel": [b, t, h, dk], "head": [h]}
+    return " or ".join(str(shapes[k]) for k in kinds)
+
+
+def _check_gate(g, kinds, b, t, h, dk):
+    _checks.require_float("g", g)
+    shape = tuple(jnp.shape(g))
+    allowed = {"scalar": (b, t, h), "channel": (b, t, h, dk), "head": (h,)}
+    if not any(shape == allowed[kd] for kd in kinds):
+        raise ValueError(f"g (log-space gate) must have shape {_gate_layouts(kinds, b, t, h, dk)}; "
+                         f"got {_checks.shape_str(g)}")
+    g = jnp.asarray(g, jnp.float32)
+    if shape == (h,):
+        g = jnp.broadcast_to(g[None, None, :], (b, t, h))
+    if not isinstance(g, jax.core.Tracer) and bool(jnp.any(g > 0)):
+        raise ValueError(f"g is a log decay and must be <= 0; got max {float(jnp.max(g)):.4g}")
+    return g
+
+
+def scan_reference(call: RecurrentCall, step: Callable) -> tuple[Array, Array]:
+    """Run ``step`` token by token in fp32: the oracle for every recurrent family.
+
+    ``step(state [B, H, Dk, Dv], x) -> (state, o_t [B, H, Dv])`` where ``x`` is a dict of fp32 per-token
+    slices: ``q`` (already scaled), ``k`` ``[B, H, Dk]``, ``v`` ``[B, H, Dv]``, and ``g``, ``beta`` when
+    the call has them. The state is zeroed before a token whose ``resets`` flag is set.
+    Returns ``o [B, T, H, Dv]`` fp32 and ``final_state [B, H, Dk, Dv]`` fp32.
+    """
+    b, t, h, dk = call.q.shape
+    dv = call.v.shape[-1]
+    f32 = lambda x: jnp.moveaxis(jnp.asarray(x, jnp.float32), 1, 0)  # noqa: E731  [T, B, ...]
+    xs = {"q": f32(call.q) * call.scale, "k": f32(call.k), "v": f32(call.v)}
+    if call.g is not None:
+        xs["g"] = f32(call.g)
+    if call.beta is not None:
+        xs["beta"] = f32(call.beta)
+    reset = f32(call.resets if call.resets is not None else jnp.zeros((b, t), bool)) > 0
+
+    def body(state, inputs):
+        x, r = inputs
+        state = jnp.where(r[:, None, None, None], 0.0, state)
+        return step(state, x)
+
+    s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if call.initial_state is None else call.initial_state
+    with jax.default_matmul_precision("highest"):
+        final, o = jax.lax.scan(body, s0, (xs, reset))
+    return jnp.moveaxis(o, 0, 1), final
