@@ -547,12 +547,17 @@ def attention_decode(q, k, v, cache: KVCache, *, mask=None, segment_ids=None, n_
     long as the cache holds every key the mask allows (size it with :func:`cache_size_for`).
     The new tokens see each other causally only if ``mask`` is causal (as in prefill).
     """
-    cache, pos, rel = update_kv_cache(cache, k, v, segment_ids, n_sink=n_sink)
-    seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
-    out = attention(q, cache.k, cache.v, mask=mask, scale=scale, sink_logits=sink_logits,
-                    soft_cap=soft_cap, q_positions=pos, kv_positions=cache.pos,
-                    segment_ids=None if seg is None else (seg, cache.seg),
-                    relative_positions=(rel, cache.rel), impl=impl)
+    # Attend over the old cache plus the new tokens, then store only the survivors: a prefill longer
+    # than a window ring must still see every key of its own prompt.
+    new_cache, pos, rel = update_kv_cache(cache, k, v, segment_ids, n_sink=n_sink)
+    b, t = q.shape[:2]
+    seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    cat = lambda a, b_: jnp.concatenate([a, b_.astype(a.dtype)], axis=1)  # noqa: E731
+    out = attention(q, cat(cache.k, k), cat(cache.v, v), mask=mask, scale=scale, sink_logits=sink_logits,
+                    soft_cap=soft_cap, q_positions=pos, kv_positions=jnp.concatenate([cache.pos, pos]),
+                    segment_ids=None if segment_ids is None else (seg, cat(cache.seg, seg)),
+                    relative_positions=(rel, cat(cache.rel, rel)), impl=impl)
+    cache = new_cache
     return out, cache
 
 

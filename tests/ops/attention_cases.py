@@ -1,0 +1,47 @@
+"""Shared inputs for the attention conformance tests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seqmix.ops import masks as M
+
+
+def qkv(seed, b, tq, s, hq, hkv, d, dtype=jnp.float32, dv=None):
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+    dv = d if dv is None else dv
+    return (jax.random.normal(kq, (b, tq, hq, d), jnp.float32).astype(dtype),
+            jax.random.normal(kk, (b, s, hkv, d), jnp.float32).astype(dtype),
+            jax.random.normal(kv, (b, s, hkv, dv), jnp.float32).astype(dtype))
+
+
+def random_block_sparse(t, s, block, density, seed=0):
+    rng = np.random.default_rng(seed)
+    nb_q, nb_k = -(-t // block), -(-s // block)
+    blocks = rng.random((nb_q, nb_k)) < density
+    dense = np.kron(blocks, np.ones((block, block), bool))[:t, :s]
+    return M.Explicit(dense & (rng.random((t, s)) < 0.9))
+
+
+MASKS = {
+    "full": lambda t, s: M.Full(),
+    "causal": lambda t, s: M.Causal(),
+    "window": lambda t, s: M.LocalWindow(9),
+    "two_sided": lambda t, s: M.SlidingWindow(3, 5),
+    "chunked": lambda t, s: M.ChunkedCausal(16),
+    "streaming": lambda t, s: M.streaming(8, 3),
+    "prefix_lm": lambda t, s: M.PrefixLM(11),
+    "explicit": lambda t, s: random_block_sparse(t, s, 16, 0.4),
+    "composed": lambda t, s: (M.Causal() & M.SlidingWindow(20, None)) | (M.Sinks(2) & M.Causal()),
+}
+
+
+def packed_segments(b, t, lengths):
+    """[b, t] segment ids from a list of document lengths (the last absorbs the remainder)."""
+    ids = np.zeros((b, t), np.int32)
+    start = 0
+    for i, n in enumerate(lengths):
+        ids[:, start:start + n] = i
+        start += n
+    ids[:, start:] = len(lengths)
+    return jnp.asarray(ids)

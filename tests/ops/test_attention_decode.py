@@ -1,0 +1,70 @@
+"""Decoding through KV caches equals the parallel op, token by token."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from seqmix import ops
+from seqmix.ops import masks as M
+from seqmix.testing import assert_close
+from tests.ops.attention_cases import packed_segments, qkv
+
+CASES = {
+    "causal": M.Causal(),
+    "window": M.LocalWindow(6),
+    "streaming": M.streaming(5, 3),
+    "chunked": M.ChunkedCausal(7),
+}
+
+
+def _decode_all(q, k, v, mask, seg=None, sink_logits=None, prefill=0):
+    b, t, _, d = q.shape
+    ring, n_sink = ops.cache_size_for(mask, t)
+    cache = ops.init_kv_cache(b, k.shape[2], d, ring=ring, n_sink=n_sink)
+    step = jax.jit(lambda q, k, v, c, s: ops.attention_decode(q, k, v, c, mask=mask, n_sink=n_sink,
+                                                              segment_ids=s, sink_logits=sink_logits))
+    outs = []
+    if prefill:
+        o, cache = ops.attention_decode(q[:, :prefill], k[:, :prefill], v[:, :prefill], cache, mask=mask,
+                                        n_sink=n_sink, sink_logits=sink_logits,
+                                        segment_ids=None if seg is None else seg[:, :prefill])
+        outs.append(o)
+    for i in range(prefill, t):
+        o, cache = step(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], cache,
+                        None if seg is None else seg[:, i:i + 1])
+        outs.append(o)
+    return jnp.concatenate(outs, 1), cache
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("prefill", [0, 9])
+def test_decode_equals_parallel(name, prefill):
+    mask = CASES[name]
+    q, k, v = qkv(0, 2, 23, 23, 4, 2, 8)
+    sink = jnp.array([0.1, -0.5, 1.0, 0.0])
+    ref = ops.attention(q, k, v, mask=mask, sink_logits=sink)
+    out, cache = _decode_all(q, k, v, mask, sink_logits=sink, prefill=prefill)
+    assert_close(out, ref, name=name)
+    ring, n_sink = ops.cache_size_for(mask, 23)
+    assert cache.n_slots == ring + n_sink
+
+
+def test_packed_decode():
+    q, k, v = qkv(1, 2, 20, 20, 2, 2, 8)
+    seg = packed_segments(2, 20, [7, 1, 6])
+    ref = ops.attention(q, k, v, mask=M.LocalWindow(4), segment_ids=seg)
+    out, _ = _decode_all(q, k, v, M.LocalWindow(4), seg=seg)
+    assert_close(out, ref)
+
+
+def test_sliding_window_cache_is_small():
+    ring, n_sink = ops.cache_size_for(M.streaming(64, 4), 100_000)
+    assert (ring, n_sink) == (64, 4)
+    assert ops.cache_size_for(M.Causal(), 500) == (500, 0)
+
+
+def test_packed_decode_with_sinks_is_refused():
+    q, k, v = qkv(1, 1, 4, 4, 2, 2, 8)
+    cache = ops.init_kv_cache(1, 2, 8, ring=4, n_sink=2)
+    with pytest.raises(NotImplementedError, match="sink"):
+        ops.attention_decode(q, k, v, cache, n_sink=2, segment_ids=jnp.zeros((1, 4), jnp.int32))
