@@ -66,7 +66,7 @@ def prepare_recurrent(q, k, v, *, scale=None, initial_state=None, return_state=F
 
     g_kinds: which gate shapes the family accepts, from ``"scalar"`` (``[B, T, H]``), ``"channel"``
     (``[B, T, H, Dk]``) and ``"head"`` (``[H]``, a constant per-head decay broadcast over B and T).
-    beta_range: ``(lo, hi)`` open interval beta must lie in, checked only on concrete (non-traced) input.
+    beta_range: ``(lo, hi)`` closed interval beta must lie in, checked only on concrete (non-traced) input.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         _checks.require_rank(name, x, 4, "[batch, seq, heads, head_dim]")
@@ -102,7 +102,7 @@ def prepare_recurrent(q, k, v, *, scale=None, initial_state=None, return_state=F
         if beta_range is not None and not isinstance(beta, jax.core.Tracer):
             lo, hi = beta_range
             bmin, bmax = float(jnp.min(beta)), float(jnp.max(beta))
-            if not (bmin >= lo and bmax <= hi):
+            if not (bmin >= lo and bmax <= hi):  # NaN fails both comparisons
                 raise ValueError(f"beta must lie in [{lo}, {hi}]; got values in [{bmin:.4g}, {bmax:.4g}]")
     return RecurrentCall(q, k, v, scale, initial_state, bool(return_state), segment_ids, resets,
                          chunk_size, g, beta, tuple(options))
@@ -123,8 +123,8 @@ def _check_gate(g, kinds, b, t, h, dk):
     g = jnp.asarray(g, jnp.float32)
     if shape == (h,):
         g = jnp.broadcast_to(g[None, None, :], (b, t, h))
-    if not isinstance(g, jax.core.Tracer) and bool(jnp.any(g > 0)):
-        raise ValueError(f"g is a log decay and must be <= 0; got max {float(jnp.max(g)):.4g}")
+    if not isinstance(g, jax.core.Tracer) and not bool(jnp.all(g <= 0)):  # also catches NaN
+        raise ValueError(f"g is a log decay and must be <= 0 (no NaN); got max {float(jnp.max(g)):.4g}")
     return g
 
 

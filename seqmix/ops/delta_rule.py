@@ -1,0 +1,63 @@
+"""DeltaNet: the ``delta_rule`` op, its reference, its chunked XLA form and its decode step.
+
+``delta_rule(q, k, v, beta, *, scale=None, initial_state=None, return_state=False, segment_ids=None,
+chunk_size=64, impl=None)`` with q, k ``[B, T, H, Dk]``, v ``[B, T, H, Dv]``, beta ``[B, T, H]``.
+Returns ``o [B, T, H, Dv]`` (input dtype) or ``(o, final_state)`` with fp32 ``[B, H, Dk, Dv]`` states.
+
+Semantics (FAMILIES.md §2.7, 2102.11174 / 2406.06484)::
+
+    S_t = (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ,      o_t = S_tᵀ (scale·q_t)
+
+The op does not normalize q or k (the layers do). It is stable only with L2-normalized k and β in
+(0, 1) (Householder eigenvalues in [0, 1]) or β in (0, 2) (negative eigenvalues allowed); without
+normalized k the state and the chunk inverse grow geometrically. β outside [0, 2] is rejected on
+concrete input. ``segment_ids`` reset the state to 0 where the segment changes.
+"""
+
+from __future__ import annotations
+
+from seqmix.ops import _delta_chunk, _recurrent, _registry
+from seqmix.ops._recurrent import RecurrentCall
+
+BETA_RANGE = (0.0, 2.0)
+
+
+def prepare_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, return_state=False,
+                       segment_ids=None, chunk_size=64) -> RecurrentCall:
+    """Validate ``delta_rule``'s arguments (see the module docstring) into a :class:`RecurrentCall`."""
+    if beta is None:
+        raise ValueError("beta (write strength, [batch, seq, heads]) is required")
+    return _recurrent.prepare_recurrent(q, k, v, scale=scale, initial_state=initial_state,
+                                        return_state=return_state, segment_ids=segment_ids,
+                                        chunk_size=chunk_size, beta=beta, beta_range=BETA_RANGE)
+
+
+def _step(state, x):
+    return _delta_chunk.delta_step(state, x["q"], x["k"], x["v"], x["beta"])
+
+
+def delta_rule_reference(call: RecurrentCall):
+    """fp32 token loop (``S ← S + k β(v − Sᵀk)ᵀ; o = Sᵀq``): the spec."""
+    o, s = _recurrent.scan_reference(call, _step)
+    return call.finish(o, s)
+
+
+def delta_rule_xla(call: RecurrentCall):
+    """Chunked WY/UT form (``_delta_chunk``), custom VJP storing one state per chunk."""
+    return _delta_chunk.xla_impl(call)
+
+
+def delta_rule_step(q_t, k_t, v_t, state, *, beta_t, scale=None):
+    """Decode one token: q_t, k_t ``[B, H, Dk]``, v_t ``[B, H, Dv]``, beta_t ``[B, H]``, state fp32
+    ``[B, H, Dk, Dv]`` (None = zeros). Returns ``(o_t [B, H, Dv], state)``; iterating it equals the op."""
+    return _delta_chunk.decode_step(q_t, k_t, v_t, state, beta_t=beta_t, scale=scale, gated=False)
+
+
+_registry.register_family(
+    "delta_rule", prepare_delta_rule, decode="delta_rule_step (recurrent state)",
+    summary="DeltaNet: delta-rule fast weights S_t = (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ.")
+_registry.register_implementation("delta_rule", _registry.Implementation(
+    "reference", delta_rule_reference, platforms=("cpu", "gpu", "tpu"), rank=1000, auto=False))
+_registry.register_implementation("delta_rule", _registry.Implementation(
+    "xla", delta_rule_xla, platforms=("cpu", "gpu", "tpu"), rank=100, describe=_delta_chunk.describe))
+delta_rule = _registry.make_op("delta_rule")
