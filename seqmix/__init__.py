@@ -1,4 +1,8 @@
-"""seqmix: every modern attention family as a JAX/Flax NNX module."""
+"""seqmix: every modern attention family as a JAX/Flax NNX module.
+
+``seqmix.ops`` holds the functional ops (no Flax), ``seqmix.nn`` the Flax NNX modules, ``seqmix.models``
+a small LM whose per-layer mixers come from a spec string, ``seqmix.train`` the trainer.
+"""
 
 from seqmix import ops
 from seqmix.ops import attention, explain, masks

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -114,7 +114,12 @@ def prepare_attention(q, k, v, *, mask=None, segment_ids=None, scale=None, sink_
         q_rel = masks_lib.segment_relative(q_pos, q_seg)
         kv_rel = masks_lib.segment_relative(kv_pos, kv_seg)
     else:
-        q_rel, kv_rel = (jnp.asarray(r, jnp.int32) for r in relative_positions)
+        if not isinstance(relative_positions, (tuple, list)) or len(relative_positions) != 2:
+            raise ValueError("relative_positions must be a pair (q_rel [B or 1, Tq], kv_rel [B or 1, S])")
+        q_rel = _checks.require_int_array("relative_positions[0]", relative_positions[0],
+                                          (jnp.shape(relative_positions[0])[0], tq), "[batch or 1, q_seq]")
+        kv_rel = _checks.require_int_array("relative_positions[1]", relative_positions[1],
+                                           (jnp.shape(relative_positions[1])[0], s), "[batch or 1, kv_seq]")
     for name, val in (("block_q", block_q), ("block_kv", block_kv)):
         if not isinstance(val, int) or val < 1 or val % 8:
             raise ValueError(f"{name} must be a positive multiple of 8; got {val!r}")
@@ -455,14 +460,18 @@ def merge_lse(o1, lse1, o2, lse2):
 # ----------------------------------------------------------------------------- decoding
 
 
-class KVCache(NamedTuple):
-    """A KV cache of ``n_sink`` fixed sink slots followed by a ring of ``ring`` slots.
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["k", "v", "pos", "seg", "rel", "next_pos", "seg_id", "seg_start"],
+                   meta_fields=["n_sink"])
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """A KV cache of ``n_sink`` fixed sink slots followed by a ring of ``ring`` slots (a pytree).
 
     A full cache is a ring as long as the longest sequence; a sliding window of ``w`` keys needs a
     ring of ``w``; StreamingLLM adds ``n_sink`` slots that keep the stream's first tokens.
     k ``[B, N, Hkv, D]``, v ``[B, N, Hkv, Dv]``, pos ``[N]`` (-1 = empty), seg/rel ``[B, N]``,
     next_pos ``[]`` (position of the next token), seg_id/seg_start ``[B]`` (current segment and where
-    it began).
+    it began); ``n_sink`` is static.
     """
 
     k: Array
@@ -473,10 +482,18 @@ class KVCache(NamedTuple):
     next_pos: Array
     seg_id: Array
     seg_start: Array
+    n_sink: int = 0
 
     @property
     def n_slots(self) -> int:
         return self.k.shape[1]
+
+    @property
+    def ring(self) -> int:
+        return self.n_slots - self.n_sink
+
+    def _replace(self, **changes) -> "KVCache":
+        return dataclasses.replace(self, **changes)
 
 
 def init_kv_cache(batch: int, kv_heads: int, head_dim: int, *, ring: int, n_sink: int = 0,
@@ -490,7 +507,7 @@ def init_kv_cache(batch: int, kv_heads: int, head_dim: int, *, ring: int, n_sink
         k=jnp.zeros((batch, n, kv_heads, head_dim), dtype), v=jnp.zeros((batch, n, kv_heads, dv), dtype),
         pos=jnp.full((n,), -1, jnp.int32), seg=jnp.full((batch, n), -1, jnp.int32),
         rel=jnp.zeros((batch, n), jnp.int32), next_pos=jnp.zeros((), jnp.int32),
-        seg_id=jnp.full((batch,), -1, jnp.int32), seg_start=jnp.zeros((batch,), jnp.int32))
+        seg_id=jnp.full((batch,), -1, jnp.int32), seg_start=jnp.zeros((batch,), jnp.int32), n_sink=int(n_sink))
 
 
 def cache_size_for(mask: masks_lib.Mask | None, max_len: int) -> tuple[int, int]:
@@ -504,7 +521,7 @@ def _slots(pos, n_sink: int, ring: int):
     return jnp.where(pos < n_sink, pos, n_sink + (pos - n_sink) % ring)
 
 
-def update_kv_cache(cache: KVCache, k, v, segment_ids=None, *, n_sink: int = 0) -> tuple[KVCache, Array, Array]:
+def update_kv_cache(cache: KVCache, k, v, segment_ids=None) -> tuple[KVCache, Array, Array]:
     """Append ``T`` tokens (k ``[B, T, Hkv, D]``, v ``[B, T, Hkv, Dv]``, segment_ids ``[B, T]``).
 
     Returns the cache and the new tokens' positions ``[T]`` and segment-relative positions ``[B, T]``.
@@ -512,9 +529,7 @@ def update_kv_cache(cache: KVCache, k, v, segment_ids=None, *, n_sink: int = 0) 
     only the survivors of this update (sinks and the last ``ring`` others) are written.
     """
     b, t = k.shape[:2]
-    ring = cache.n_slots - n_sink
-    if ring < 1:
-        raise ValueError(f"cache has {cache.n_slots} slots, fewer than n_sink + 1 = {n_sink + 1}")
+    ring, n_sink = cache.ring, cache.n_sink
     if segment_ids is not None and n_sink:
         raise NotImplementedError("packed decoding (segment_ids) with sink slots is not supported: "
                                   "sink slots keep the stream's first tokens, not each document's")
@@ -538,8 +553,7 @@ def update_kv_cache(cache: KVCache, k, v, segment_ids=None, *, n_sink: int = 0) 
     return new, pos, rel
 
 
-def attention_decode(q, k, v, cache: KVCache, *, mask=None, segment_ids=None, n_sink: int = 0,
-                     scale=None, sink_logits=None, soft_cap=None, impl=None):
+def attention_decode(q, k, v, cache: KVCache, *, mask=None, segment_ids=None, scale=None, sink_logits=None, soft_cap=None, impl=None):
     """Append the new tokens' k/v to ``cache`` and attend from their queries.
 
     q ``[B, T, Hq, D]`` (usually T = 1), k/v ``[B, T, Hkv, D]``, segment_ids ``[B, T]`` or None.
@@ -549,7 +563,7 @@ def attention_decode(q, k, v, cache: KVCache, *, mask=None, segment_ids=None, n_
     """
     # Attend over the old cache plus the new tokens, then store only the survivors: a prefill longer
     # than a window ring must still see every key of its own prompt.
-    new_cache, pos, rel = update_kv_cache(cache, k, v, segment_ids, n_sink=n_sink)
+    new_cache, pos, rel = update_kv_cache(cache, k, v, segment_ids)
     b, t = q.shape[:2]
     seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
     cat = lambda a, b_: jnp.concatenate([a, b_.astype(a.dtype)], axis=1)  # noqa: E731

@@ -21,12 +21,12 @@ def _decode_all(q, k, v, mask, seg=None, sink_logits=None, prefill=0):
     b, t, _, d = q.shape
     ring, n_sink = ops.cache_size_for(mask, t)
     cache = ops.init_kv_cache(b, k.shape[2], d, ring=ring, n_sink=n_sink)
-    step = jax.jit(lambda q, k, v, c, s: ops.attention_decode(q, k, v, c, mask=mask, n_sink=n_sink,
+    step = jax.jit(lambda q, k, v, c, s: ops.attention_decode(q, k, v, c, mask=mask,
                                                               segment_ids=s, sink_logits=sink_logits))
     outs = []
     if prefill:
         o, cache = ops.attention_decode(q[:, :prefill], k[:, :prefill], v[:, :prefill], cache, mask=mask,
-                                        n_sink=n_sink, sink_logits=sink_logits,
+                                        sink_logits=sink_logits,
                                         segment_ids=None if seg is None else seg[:, :prefill])
         outs.append(o)
     for i in range(prefill, t):
@@ -67,4 +67,4 @@ def test_packed_decode_with_sinks_is_refused():
     q, k, v = qkv(1, 1, 4, 4, 2, 2, 8)
     cache = ops.init_kv_cache(1, 2, 8, ring=4, n_sink=2)
     with pytest.raises(NotImplementedError, match="sink"):
-        ops.attention_decode(q, k, v, cache, n_sink=2, segment_ids=jnp.zeros((1, 4), jnp.int32))
+        ops.attention_decode(q, k, v, cache, segment_ids=jnp.zeros((1, 4), jnp.int32))

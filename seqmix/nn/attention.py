@@ -1,0 +1,158 @@
+"""``Attention``: q/k/v/o projections, optional qk-norm and RoPE, and one call of ``seqmix.ops.attention``.
+
+MHA, GQA and MQA by ``num_kv_heads``; K/V are never repeated (the op reads kv head ``h // G``).
+Parallel form: ``module(x [B, T, d_model], positions=[T], segment_ids=[B, T]) -> [B, T, d_model]``.
+Decoding: ``cache = module.init_cache(B, max_len)``, then ``y, cache = module.decode(x, cache)`` with
+any number of new tokens (a prompt, then one token at a time); RoPE uses text positions.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from seqmix import ops
+from seqmix.ops import masks as masks_lib
+from seqmix.nn.norm import RMSNorm
+from seqmix.nn.rope import apply_rope
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Attention: {name} must be an int >= 1; got {value!r}")
+    return value
+
+
+class Attention(nnx.Module):
+    """Softmax self-attention layer (FAMILIES.md §2.1).
+
+    Args:
+      d_model: model width (input and output features).
+      num_heads: query heads ``Hq``.
+      num_kv_heads: key/value heads ``Hkv`` (divides ``Hq``); default ``Hq`` (MHA), 1 = MQA.
+      head_dim: per-head width ``D``; default ``d_model // num_heads``.
+      mask: a ``seqmix.ops.masks.Mask``; default ``Causal()``.
+      rope: apply rotary embeddings to q and k (``rope_theta`` base).
+      qk_norm: RMSNorm over ``D`` on q and k (before RoPE).
+      sink_logits: learn a per-head sink logit ``b_h`` (``[Hq]``, zeros init) that joins the softmax
+        denominator only.
+      soft_cap: logit soft cap ``c`` (``s <- c·tanh(s/c)``) or None.
+      use_bias: biases on the projections.
+      dtype: compute dtype (projections, attention, output); param_dtype: parameter dtype.
+      impl: implementation request passed to the op (None = automatic).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, mask: masks_lib.Mask | None = None, rope: bool = True,
+                 rope_theta: float = 10000.0, qk_norm: bool = False, sink_logits: bool = False,
+                 soft_cap: float | None = None, use_bias: bool = False, dtype=jnp.float32,
+                 param_dtype=jnp.float32, impl=None, rngs: nnx.Rngs):
+        d_model = _positive_int("d_model", d_model)
+        num_heads = _positive_int("num_heads", num_heads)
+        num_kv_heads = num_heads if num_kv_heads is None else _positive_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"Attention: num_kv_heads must divide num_heads; got num_kv_heads={num_kv_heads}, "
+                             f"num_heads={num_heads}")
+        if head_dim is None:
+            if d_model % num_heads:
+                raise ValueError(f"Attention: num_heads must divide d_model when head_dim is not given; "
+                                 f"got d_model={d_model}, num_heads={num_heads}")
+            head_dim = d_model // num_heads
+        head_dim = _positive_int("head_dim", head_dim)
+        if rope and head_dim % 2:
+            raise ValueError(f"Attention: RoPE needs an even head_dim; got head_dim={head_dim}")
+        mask = masks_lib.Causal() if mask is None else mask
+        if not isinstance(mask, masks_lib.Mask):
+            raise ValueError(f"Attention: mask must be a seqmix.ops.masks.Mask or None; got {type(mask).__name__}")
+        if soft_cap is not None and (isinstance(soft_cap, bool) or not isinstance(soft_cap, (int, float)) or soft_cap <= 0):
+            raise ValueError(f"Attention: soft_cap must be a positive number or None; got {soft_cap!r}")
+        if not rope_theta > 0:
+            raise ValueError(f"Attention: rope_theta must be > 0; got {rope_theta!r}")
+
+        self.d_model, self.num_heads, self.num_kv_heads, self.head_dim = d_model, num_heads, num_kv_heads, head_dim
+        self.mask, self.rope, self.rope_theta = mask, bool(rope), float(rope_theta)
+        self.soft_cap = None if soft_cap is None else float(soft_cap)
+        self.dtype, self.impl = dtype, impl
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = nnx.Linear(d_model, num_heads * head_dim, **kw)
+        self.k_proj = nnx.Linear(d_model, num_kv_heads * head_dim, **kw)
+        self.v_proj = nnx.Linear(d_model, num_kv_heads * head_dim, **kw)
+        self.o_proj = nnx.Linear(num_heads * head_dim, d_model, **kw)
+        norm_kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.q_norm = RMSNorm(head_dim, **norm_kw) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, **norm_kw) if qk_norm else None
+        self.sink = nnx.Param(jnp.zeros((num_heads,), param_dtype)) if sink_logits else None
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_x(self, x):
+        if jnp.ndim(x) != 3 or jnp.shape(x)[-1] != self.d_model:
+            raise ValueError(f"Attention: x must have shape [batch, seq, {self.d_model}]; got "
+                             f"{jnp.asarray(x).dtype}{list(jnp.shape(x))}")
+        if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+            raise ValueError(f"Attention: x must be a floating array; got {jnp.asarray(x).dtype}")
+        return x
+
+    def _project(self, x, positions):
+        """x [B, T, d_model] -> q [B, T, Hq, D], k, v [B, T, Hkv, D] (qk-norm, RoPE applied)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope:
+            q = apply_rope(q, positions, theta=self.rope_theta)
+            k = apply_rope(k, positions, theta=self.rope_theta)
+        return q, k, v
+
+    def _out(self, o):
+        b, t = o.shape[:2]
+        return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim))
+
+    def _op_kwargs(self):
+        return dict(mask=self.mask, sink_logits=None if self.sink is None else self.sink[...],
+                    soft_cap=self.soft_cap, impl=self.impl)
+
+    # ------------------------------------------------------------------ parallel form
+
+    def __call__(self, x, *, positions=None, segment_ids=None):
+        """x ``[B, T, d_model]``; positions int ``[T]`` (default ``arange(T)``; used by RoPE and the
+        mask); segment_ids int ``[B, T]`` (packed documents) or None. Returns ``[B, T, d_model]``."""
+        x = self._check_x(x)
+        t = x.shape[1]
+        if positions is None:
+            positions = jnp.arange(t, dtype=jnp.int32)
+        positions = jnp.asarray(positions)
+        if positions.shape != (t,) or not jnp.issubdtype(positions.dtype, jnp.integer):
+            raise ValueError(f"Attention: positions must be an int array of shape [{t}]; got "
+                             f"{positions.dtype}{list(positions.shape)}")
+        positions = positions.astype(jnp.int32)
+        q, k, v = self._project(x, positions)
+        o = ops.attention(q, k, v, segment_ids=segment_ids, q_positions=positions, kv_positions=positions,
+                          **self._op_kwargs())
+        return self._out(o)
+
+    # ------------------------------------------------------------------ decoding
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> ops.KVCache:
+        """An empty KV cache for sequences of up to ``max_len`` tokens, sized for the mask
+        (``ops.cache_size_for``: a ring of the window plus sink slots, or ``max_len`` slots)."""
+        batch, max_len = _positive_int("batch", batch), _positive_int("max_len", max_len)
+        ring, n_sink = ops.cache_size_for(self.mask, max_len)
+        return ops.init_kv_cache(batch, self.num_kv_heads, self.head_dim, ring=ring, n_sink=n_sink,
+                                 dtype=self.dtype if dtype is None else dtype)
+
+    def decode(self, x, cache: ops.KVCache, *, segment_ids=None):
+        """Append ``T_new`` tokens ``x [B, T_new, d_model]`` to ``cache`` and return
+        ``(y [B, T_new, d_model], cache)``; equals the parallel form's rows for these tokens.
+        RoPE positions are text positions ``cache.next_pos + arange(T_new)``."""
+        x = self._check_x(x)
+        if not isinstance(cache, ops.KVCache):
+            raise ValueError(f"Attention.decode: cache must be a seqmix.ops.KVCache (from init_cache); "
+                             f"got {type(cache).__name__}")
+        t = x.shape[1]
+        positions = cache.next_pos + jnp.arange(t, dtype=jnp.int32)
+        q, k, v = self._project(x, positions)
+        o, cache = ops.attention_decode(q, k, v, cache, segment_ids=segment_ids, **self._op_kwargs())
+        return self._out(o), cache
