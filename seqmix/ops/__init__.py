@@ -6,9 +6,15 @@ from seqmix.ops.attention import (KVCache, attention, attention_decode, cache_si
                                   merge_lse, update_kv_cache)
 from seqmix.ops.delta_rule import delta_rule, delta_rule_step
 from seqmix.ops.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
+from seqmix.ops.gla import gla, gla_step
+from seqmix.ops.linear_attention import linear_attention, linear_attention_step, taylor_feature_map
+from seqmix.ops.retention import lightning_decay, retention, retention_step, retnet_decay
+from seqmix.ops.simple_gla import simple_gla, simple_gla_step
 
 __all__ = [
     "FAMILIES", "KVCache", "attention", "attention_decode", "cache_size_for", "capability_markdown",
     "capability_rows", "delta_rule", "delta_rule_step", "explain", "gated_delta_rule",
-    "gated_delta_rule_step", "get_family", "init_kv_cache", "masks", "merge_lse", "update_kv_cache",
+    "gated_delta_rule_step", "get_family", "gla", "gla_step", "init_kv_cache", "lightning_decay",
+    "linear_attention", "linear_attention_step", "masks", "merge_lse", "retention", "retention_step",
+    "retnet_decay", "simple_gla", "simple_gla_step", "taylor_feature_map", "update_kv_cache",
 ]

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from seqmix.ops import _checks
 
@@ -98,12 +99,13 @@ def prepare_recurrent(q, k, v, *, scale=None, initial_state=None, return_state=F
     if beta is not None:
         _checks.require_float("beta", beta)
         _checks.require_shape("beta", beta, (b, t, h), "[batch, seq, heads]")
-        beta = jnp.asarray(beta, jnp.float32)
-        if beta_range is not None and not isinstance(beta, jax.core.Tracer):
+        if beta_range is not None and _is_concrete(beta):
             lo, hi = beta_range
-            bmin, bmax = float(jnp.min(beta)), float(jnp.max(beta))
+            values = np.asarray(beta, np.float32)
+            bmin, bmax = float(values.min()), float(values.max())
             if not (bmin >= lo and bmax <= hi):  # NaN fails both comparisons
                 raise ValueError(f"beta must lie in [{lo}, {hi}]; got values in [{bmin:.4g}, {bmax:.4g}]")
+        beta = jnp.asarray(beta, jnp.float32)
     return RecurrentCall(q, k, v, scale, initial_state, bool(return_state), segment_ids, resets,
                          chunk_size, g, beta, tuple(options))
 
@@ -120,12 +122,17 @@ def _check_gate(g, kinds, b, t, h, dk):
     if not any(shape == allowed[kd] for kd in kinds):
         raise ValueError(f"g (log-space gate) must have shape {_gate_layouts(kinds, b, t, h, dk)}; "
                          f"got {_checks.shape_str(g)}")
+    if _is_concrete(g) and not bool(np.all(np.asarray(g, np.float32) <= 0)):  # also catches NaN
+        raise ValueError(f"g is a log decay and must be <= 0 (no NaN); got max {float(np.max(np.asarray(g))):.4g}")
     g = jnp.asarray(g, jnp.float32)
     if shape == (h,):
         g = jnp.broadcast_to(g[None, None, :], (b, t, h))
-    if not isinstance(g, jax.core.Tracer) and not bool(jnp.all(g <= 0)):  # also catches NaN
-        raise ValueError(f"g is a log decay and must be <= 0 (no NaN); got max {float(jnp.max(g)):.4g}")
     return g
+
+
+def _is_concrete(x) -> bool:
+    """True for values known now (numpy or committed jax arrays), False for tracers under jit/grad."""
+    return not isinstance(x, jax.core.Tracer)
 
 
 def scan_reference(call: RecurrentCall, step: Callable) -> tuple[Array, Array]:

@@ -1,0 +1,481 @@
+"""The chunkwise-parallel algorithm shared by ``linear_attention``, ``retention``, ``simple_gla`` and ``gla``.
+
+All four families are one recurrence (FAMILIES.md §2.4–§2.6):
+
+    S_t = Diag(exp(g_t)) S_{t-1} + k_t v_tᵀ,      o_t = scale · S_tᵀ q_t
+
+with ``g`` absent (linear attention: ``α = 1``), ``[B, T, H]`` (a scalar log decay per head and token:
+retention, simple_gla) or ``[B, T, H, Dk]`` (per channel: gla). The state resets to 0 before every token
+whose ``resets`` flag is set.
+
+Chunk form (chunk length C, ``G`` = chunk-local inclusive cumsum of ``g`` in fp32, ``G_C`` its last row):
+
+    S_[n] = Diag(exp(G_C)) S_[n-1] + (K ⊙ exp(G_C − G))ᵀ V       (sequential pass over chunks, fp32 carry)
+    O     = scale · ((Q ⊙ exp(G)) S_[n-1] + P V),   P_ij = Σ_c Q_ic K_jc exp(G_ic − G_jc)  (i ≥ j)
+
+Only differences that are ≤ 0 are exponentiated (``G_i − G_j`` with i ≥ j, ``G_C − G_j``, ``G_i``), and every
+mask (causal, segment) is applied in log space (``-inf``) before ``exp``. Three paths build ``P``:
+
+* ``"none"``   (no gate): ``P = (Q Kᵀ) ⊙ M``;
+* ``"scalar"``: ``P = (Q Kᵀ) ⊙ Γ``, ``Γ_ij = exp(G_i − G_j)`` masked to ``i ≥ j`` (same segment) in log space;
+* ``"channel"`` (secondary chunking): sub-chunks of ``sub`` rows (16 by default); off-diagonal sub-blocks
+  ``(a, b), a > b`` are one matmul anchored at ``r``, the first row of sub-chunk ``a``:
+  ``(Q_[a] ⊙ exp(G_[a] − G_r)) (K_[b] ⊙ exp(G_r − G_[b]))ᵀ`` (both factors ≤ 1); diagonal sub-blocks are
+  computed elementwise in fp32, column by column (a ``lax.scan`` over the ``sub`` columns, so no
+  ``[sub, sub, Dk]`` tensor per sub-chunk is ever materialized). ``sub = gcd(C, 16)``.
+
+Segments (``resets``): the gate cumsum runs through resets, which is harmless because every exponent that
+survives the masks spans tokens of a single segment. Inside a chunk with segment index ``c`` (number of resets
+seen so far in the chunk): token i attends to j ≤ i only when ``c_i = c_j``; the chunk-start state reaches
+only tokens with ``c = 0``; the chunk-end state collects only tokens with ``c = c_last`` and keeps the
+incoming state only when the chunk has no reset. Lengths are zero-padded to a multiple of C (``k = v = 0``,
+``g = 0``: padded tokens leave the final state unchanged).
+
+Backward: a ``jax.custom_vjp``. The residuals are the inputs and the final state only (no per-token state,
+no per-chunk state): the backward recomputes the chunk-start states with the same cheap state pass, runs the
+reverse state pass ``dS_[n-1] = Diag(exp(G_C)) dS_[n] + (Q ⊙ exp(G))ᵀ dO`` and the chunk backward of §2.6 in
+parallel over chunks. The gate gradient uses the closed form
+
+    d log b_t = q_t ⊙ dq_t − k_t ⊙ dk_t   (+ Σ_v S_T ⊙ dS_T at the row's last token)
+    d g_t     = Σ_{i ≥ t, same segment} d log b_i         (fp32 segmented reverse cumsum)
+
+summed over d_k for scalar gates. ``d initial_state`` is the reverse pass's final carry. The i = j term of
+``dq, dk`` (which cancels exactly in ``q ⊙ dq − k ⊙ dk``) is left out of that difference, so with no
+final-state cotangent dg keeps full relative accuracy even for gates like g = −50. Known limit: with a
+final-state cotangent, the term ``Σ_v S_T ⊙ dS_T`` is cancelled token by token through the reverse cumsum,
+which leaves absolute fp32 noise of order ``ε·|S_T|·|dS_T|`` on the row's last segment where the true
+gradient is ~0 (fast-decaying gates); removing it would need a second reverse state pass.
+
+Precision: matmul operands in the input dtype, ``preferred_element_type=float32``; gate cumsums, decay
+factors, ``P`` (before the PV matmul), the state carry and every gradient reduction are fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from seqmix.ops import _checks
+
+Array = Any
+F32 = jnp.float32
+SUB_CHUNK = 16  # secondary-chunk rows for per-channel gates (FAMILIES.md §2.6)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkConfig:
+    """Static settings of one chunked call (hashable: the custom_vjp's non-differentiable argument)."""
+
+    chunk: int  # C, rows per chunk
+    sub: int  # secondary-chunk rows (channel gates only; divides C)
+    gate: str  # "none" | "scalar" | "channel"
+    scale: float
+    length: int  # T, unpadded
+
+
+def gate_kind(g) -> str:
+    """``"none"``, ``"scalar"`` (g ``[B, T, H]``) or ``"channel"`` (g ``[B, T, H, Dk]``)."""
+    if g is None:
+        return "none"
+    return "scalar" if jnp.ndim(g) == 3 else "channel"
+
+
+def effective_chunk(length: int, chunk_size: int) -> tuple[int, int]:
+    """(C, sub): the requested chunk, shrunk to ``max(16, next_pow2(T))`` for short inputs; ``sub | C``."""
+    c = min(chunk_size, max(16, 1 << max(0, (length - 1).bit_length())))
+    return c, math.gcd(c, SUB_CHUNK)
+
+
+def make_config(q, g, chunk_size: int, scale: float) -> ChunkConfig:
+    t = q.shape[1]
+    c, sub = effective_chunk(t, chunk_size)
+    return ChunkConfig(chunk=c, sub=sub, gate=gate_kind(g), scale=float(scale), length=t)
+
+
+def describe(call) -> str:
+    """The registry's ``describe`` for the chunked implementations: chunk (and sub-chunk) length."""
+    cfg = make_config(call.q, call.g, call.chunk_size, call.scale)
+    extra = f", sub_chunk={cfg.sub}" if cfg.gate == "channel" else ""
+    return f"chunk_size={cfg.chunk}{extra}, gate={cfg.gate}"
+
+
+# ----------------------------------------------------------------------------- layout helpers
+
+
+def _chunks(x, c: int, n: int):
+    """``[B, T, H, ...]`` -> ``[B, H, N, C, ...]``, zero-padded to ``N·C`` tokens."""
+    b, t, h = x.shape[:3]
+    if n * c != t:
+        x = jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape((b, n, c, h) + x.shape[3:])
+    return jnp.moveaxis(x, 3, 1)
+
+
+def _unchunk(x, t: int):
+    """``[B, H, N, C, ...]`` -> ``[B, T, H, ...]`` (padding dropped)."""
+    b, h, n, c = x.shape[:4]
+    x = jnp.moveaxis(x, 1, 3).reshape((b, n * c, h) + x.shape[4:])
+    return x[:, :t]
+
+
+def _dot(spec: str, a, b):
+    return jnp.einsum(spec, a, b, preferred_element_type=F32)
+
+
+def _exp_masked(x, ok):
+    """``exp(x)`` where ``ok`` else 0, masked in log space. ``x = None`` means ``exp(0)``; ``ok = None`` all."""
+    if x is None:
+        return None if ok is None else ok.astype(F32)
+    if ok is None:
+        return jnp.exp(x)
+    return jnp.exp(jnp.where(ok, x, -jnp.inf))
+
+
+def _rows(x, w, dtype):
+    """``x ⊙ w`` (w per row ``[..., C]`` or per channel ``[..., C, D]``) in fp32, cast to ``dtype``."""
+    if w is None:
+        return x.astype(dtype)
+    w = w if w.ndim == x.ndim else w[..., None]
+    return (x.astype(F32) * w).astype(dtype)
+
+
+class _Chunked(NamedTuple):
+    q: Array  # [B, H, N, C, Dk] compute dtype
+    k: Array  # [B, H, N, C, Dk]
+    v: Array  # [B, H, N, C, Dv]
+    G: Array | None  # [B, H, N, C] or [B, H, N, C, Dk] fp32 chunk-local inclusive cumsum of g
+    seg: Array | None  # [B, 1, N, C] int32: resets seen so far inside the chunk
+
+
+class _Factors(NamedTuple):
+    wq: Array | None  # exp(G_i), 0 after the chunk's first reset           (like G)
+    wk: Array | None  # exp(G_C − G_j), 0 before the chunk's last reset      (like G)
+    a: Array | None  # exp(G_C), 0 if the chunk has a reset                   [B, H|1, N(, Dk)]
+    ok: Array  # bool [C, C] or [B, 1, N, C, C]: i ≥ j and same segment
+    gamma: Array | None  # fp32 [.., C, C] decay-and-mask matrix (paths "none" and "scalar")
+
+
+def _split(cfg: ChunkConfig, q, k, v, g, resets) -> _Chunked:
+    c = cfg.chunk
+    n = -(-cfg.length // c)
+    cdt = q.dtype
+    qc, kc, vc = _chunks(q, c, n), _chunks(k, c, n), _chunks(v, c, n).astype(cdt)
+    big_g = None
+    if g is not None:
+        big_g = jnp.cumsum(_chunks(g.astype(F32), c, n), axis=3)
+    seg = None
+    if resets is not None:
+        r = _chunks(resets.astype(jnp.int32)[:, :, None], c, n)[:, 0]  # [B, N, C]
+        seg = jnp.cumsum(r, axis=-1)[:, None]
+    return _Chunked(qc, kc, vc, big_g, seg)
+
+
+def _factors(cfg: ChunkConfig, x: _Chunked) -> _Factors:
+    c = cfg.chunk
+    causal = jnp.arange(c)[:, None] >= jnp.arange(c)[None, :]
+    first = last = carry = None
+    ok = causal
+    if x.seg is not None:
+        s_last = x.seg[..., -1:]
+        first, last, carry = x.seg == 0, x.seg == s_last, s_last[..., 0] == 0
+        ok = causal & (x.seg[..., :, None] == x.seg[..., None, :])
+    ch = cfg.gate == "channel"
+    chan = (lambda m: None if m is None else m[..., None]) if ch else (lambda m: m)
+    G = x.G
+    if G is None:
+        wq, wk, a = _exp_masked(None, first), _exp_masked(None, last), _exp_masked(None, carry)
+    else:
+        g_c = G[..., -1, :] if ch else G[..., -1]
+        wq = _exp_masked(G, chan(first))
+        wk = _exp_masked((g_c[..., None, :] if ch else g_c[..., None]) - G, chan(last))
+        a = _exp_masked(g_c, chan(carry))
+    gamma = None
+    if cfg.gate == "none":
+        gamma = ok.astype(F32)
+    elif cfg.gate == "scalar":
+        gamma = jnp.exp(jnp.where(ok, G[..., :, None] - G[..., None, :], -jnp.inf))
+    return _Factors(wq, wk, a, ok, gamma)
+
+
+def _state_pass(cfg: ChunkConfig, s_ext, a, h0, reverse: bool = False):
+    """``S_n = a_n ⊙ S_{n-1} + s_ext_n`` over chunks (fp32). Returns (per-chunk carries seen, last carry).
+
+    Forward: outputs the chunk-start states ``S_{n-1}``. Reverse (``dS_{n-1} = a_n ⊙ dS_n + s_ext_n``):
+    outputs the chunk-end gradients ``dS_n`` and ends on ``dS_0``.
+    """
+    b, h = s_ext.shape[:2]
+    s0 = jnp.zeros((b, h) + s_ext.shape[3:], F32) if h0 is None else h0.astype(F32)
+    xs = jnp.moveaxis(s_ext, 2, 0)
+    a_s = None if a is None else jnp.moveaxis(a, 2, 0)
+    per_channel = cfg.gate == "channel"
+
+    def body(s, inp):
+        se, an = inp
+        if an is None:
+            return s + se, s
+        an = an[..., None] if per_channel else an[..., None, None]
+        return an * s + se, s
+
+    last, seen = jax.lax.scan(body, s0, (xs, a_s), reverse=reverse)
+    return jnp.moveaxis(seen, 0, 2), last
+
+
+# ----------------------------------------------------------------------------- per-channel intra-chunk scores
+
+
+def _channel_factors(cfg: ChunkConfig, G):
+    """Anchored factors for secondary chunking. G ``[.., C, Dk]`` fp32.
+
+    qf ``[.., ns, sub, Dk]`` = exp(G_i − G_r) for rows i of sub-chunk a (anchor r = its first row);
+    kf ``[.., ns, C, Dk]`` = exp(G_r − G_j) for rows j < r, else 0;
+    gs ``[.., ns, sub, Dk]``: G split into sub-chunks (for the elementwise diagonal sub-blocks).
+    """
+    c, sub = cfg.chunk, cfg.sub
+    ns, dk = c // sub, G.shape[-1]
+    anchor = G[..., ::sub, :]  # [.., ns, Dk]
+    gs = G.reshape(G.shape[:-2] + (ns, sub, dk))
+    qf = jnp.exp(gs - anchor[..., :, None, :])
+    before = jnp.arange(c)[None, :] < (jnp.arange(ns) * sub)[:, None]  # [ns, C]
+    kf = jnp.exp(jnp.where(before[:, :, None], anchor[..., :, None, :] - G[..., None, :, :], -jnp.inf))
+    return qf, kf, gs
+
+
+def _column_decay(gs, j):
+    """exp(G_i − G_j) for rows i ≥ j of every sub-chunk, else 0 (fp32 ``[.., ns, sub, Dk]``)."""
+    sub = gs.shape[-2]
+    g_j = jax.lax.dynamic_index_in_dim(gs, j, axis=gs.ndim - 2, keepdims=True)
+    return jnp.exp(jnp.where((jnp.arange(sub) >= j)[:, None], gs - g_j, -jnp.inf))
+
+
+def _diag_scores(qs, ks, gs):
+    """Diagonal sub-blocks ``P_ij = Σ_c q_ic k_jc exp(G_ic − G_jc)`` (i ≥ j), elementwise in fp32, one column
+    j at a time (a scan over the sub-chunk's columns keeps the transient memory at the size of q)."""
+    def column(_, j):
+        k_j = jax.lax.dynamic_index_in_dim(ks, j, axis=ks.ndim - 2, keepdims=True)
+        return None, jnp.sum(qs * k_j * _column_decay(gs, j), axis=-1)  # [.., ns, sub_i]
+
+    _, cols = jax.lax.scan(column, None, jnp.arange(gs.shape[-2]))
+    return jnp.moveaxis(cols, 0, -1)  # [.., ns, sub_i, sub_j]
+
+
+def _diag_grads(qs, ks, gs, dpd):
+    """Gradients of the diagonal sub-blocks given ``dP`` blocks ``[.., ns, sub_i, sub_j]`` (fp32):
+    ``dq_i = Σ_j dP_ij k_j ⊙ exp(G_i − G_j)``, ``dk_j = Σ_i dP_ij q_i ⊙ exp(G_i − G_j)``, column by column."""
+    def column(dq, j):
+        w = _column_decay(gs, j)
+        k_j = jax.lax.dynamic_index_in_dim(ks, j, axis=ks.ndim - 2, keepdims=True)
+        dp_j = jax.lax.dynamic_index_in_dim(dpd, j, axis=dpd.ndim - 1, keepdims=False)[..., None]  # [.., ns, sub, 1]
+        return dq + dp_j * k_j * w, jnp.sum(dp_j * qs * w, axis=-2)  # dk_j [.., ns, Dk]
+
+    dq, dk_rows = jax.lax.scan(column, jnp.zeros_like(qs), jnp.arange(gs.shape[-2]))
+    return dq, jnp.moveaxis(dk_rows, 0, -2)
+
+
+def _blockdiag(d):
+    """``[.., ns, sub, sub]`` -> ``[.., C, C]`` with the blocks on the diagonal."""
+    ns, sub = d.shape[-3], d.shape[-1]
+    eye = jnp.eye(ns, dtype=d.dtype)
+    full = d[..., :, :, None, :] * eye[:, None, :, None]
+    return full.reshape(d.shape[:-3] + (ns * sub, ns * sub))
+
+
+def _diag_blocks(m, ns: int, sub: int):
+    """``[.., C, C]`` -> its diagonal blocks ``[.., ns, sub, sub]``."""
+    m5 = m.reshape(m.shape[:-2] + (ns, sub, ns, sub))
+    return jnp.moveaxis(jnp.diagonal(m5, axis1=-4, axis2=-2), -1, -3)
+
+
+class _ChannelParts(NamedTuple):
+    qs: Array  # [.., ns, sub, Dk] fp32 q rows
+    ks: Array  # [.., ns, sub, Dk] fp32 k rows
+    q_anch: Array  # [.., ns, sub, Dk] compute dtype, q ⊙ exp(G − G_r)
+    k_anch: Array  # [.., ns, C, Dk] compute dtype, k ⊙ exp(G_r − G), 0 for j ≥ r
+    qf: Array
+    kf: Array
+    gs: Array
+
+
+def _channel_parts(cfg: ChunkConfig, x: _Chunked) -> _ChannelParts:
+    c, sub = cfg.chunk, cfg.sub
+    ns, dk = c // sub, x.q.shape[-1]
+    qf, kf, gs = _channel_factors(cfg, x.G)
+    qs = x.q.astype(F32).reshape(x.q.shape[:-2] + (ns, sub, dk))
+    ks = x.k.astype(F32).reshape(x.k.shape[:-2] + (ns, sub, dk))
+    cdt = x.q.dtype
+    q_anch = (qs * qf).astype(cdt)
+    k_anch = (x.k.astype(F32)[..., None, :, :] * kf).astype(cdt)
+    return _ChannelParts(qs, ks, q_anch, k_anch, qf, kf, gs)
+
+
+def _scores(cfg: ChunkConfig, x: _Chunked, f: _Factors, cp: _ChannelParts | None):
+    """Intra-chunk ``P`` (fp32 ``[B, H, N, C, C]``, zero where j > i or across segments), without scale."""
+    if cp is None:
+        return _dot("bhnid,bhnjd->bhnij", x.q, x.k) * f.gamma
+    c = cfg.chunk
+    p_off = _dot("...aid,...ajd->...aij", cp.q_anch, cp.k_anch)  # [.., ns, sub, C]
+    p_diag = _diag_scores(cp.qs, cp.ks, cp.gs)  # [.., ns, sub, sub]
+    p = p_off.reshape(p_off.shape[:-3] + (c, c)) + _blockdiag(p_diag)
+    return jnp.where(f.ok, p, 0.0)
+
+
+# ----------------------------------------------------------------------------- forward and backward
+
+
+def _forward(cfg: ChunkConfig, q, k, v, g, h0, resets):
+    x = _split(cfg, q, k, v, g, resets)
+    f = _factors(cfg, x)
+    cdt = x.q.dtype
+    cp = _channel_parts(cfg, x) if cfg.gate == "channel" else None
+    s_ext = _dot("bhncd,bhnce->bhnde", _rows(x.k, f.wk, cdt), x.v)
+    s_start, s_final = _state_pass(cfg, s_ext, f.a, h0)
+    o = _dot("bhncd,bhnde->bhnce", _rows(x.q, f.wq, cdt), s_start.astype(cdt))
+    p = _scores(cfg, x, f, cp)
+    o = o + _dot("bhnij,bhnje->bhnie", p.astype(cdt), x.v)
+    return _unchunk(o, cfg.length) * cfg.scale, s_final
+
+
+def _segmented_reverse_cumsum(x, resets, axis: int):
+    """``y_t = x_t + y_{t+1}`` unless token t+1 starts a new segment (fp32). resets ``[B, T]`` or None."""
+    if resets is None:
+        return jax.lax.cumsum(x, axis=axis, reverse=True)
+    cont = jnp.concatenate([~resets[:, 1:], jnp.zeros_like(resets[:, :1])], axis=1).astype(F32)
+    cont = cont[:, None] if x.ndim == 3 else cont[:, None, :, None]  # [B, 1, T(, 1)]
+    cont = jnp.broadcast_to(cont, x.shape)
+
+    def combine(a, b):  # affine maps y -> x + m·y; `a` is applied first (it sits later in time)
+        return a[0] * b[0], b[1] + b[0] * a[1]
+
+    _, y = jax.lax.associative_scan(combine, (cont, x), reverse=True, axis=axis)
+    return y
+
+
+def _backward(cfg: ChunkConfig, res, cts):
+    q, k, v, g, h0, resets, s_final = res
+    do, dsf = cts
+    x = _split(cfg, q, k, v, g, resets)
+    f = _factors(cfg, x)
+    cdt = x.q.dtype
+    cp = _channel_parts(cfg, x) if cfg.gate == "channel" else None
+    n = x.q.shape[2]
+    kw = _rows(x.k, f.wk, cdt)
+    qw = _rows(x.q, f.wq, cdt)
+    s_ext = _dot("bhncd,bhnce->bhnde", kw, x.v)
+    s_start, _ = _state_pass(cfg, s_ext, f.a, h0)
+    # the scale is folded into dO: every q-linear path sees scale·do
+    d_o = _chunks(do.astype(F32) * cfg.scale, cfg.chunk, n).astype(cdt)
+    ds_q = _dot("bhncd,bhnce->bhnde", qw, d_o)
+    ds_end, ds0 = _state_pass(cfg, ds_q, f.a, dsf.astype(F32), reverse=True)
+    # inter-chunk (state) terms
+    dq = _dot("bhnce,bhnde->bhncd", d_o, s_start.astype(cdt))
+    dk = _dot("bhnce,bhnde->bhncd", x.v, ds_end.astype(cdt))
+    if f.wq is not None:
+        dq = dq * (f.wq if f.wq.ndim == dq.ndim else f.wq[..., None])
+    if f.wk is not None:
+        dk = dk * (f.wk if f.wk.ndim == dk.ndim else f.wk[..., None])
+    dv = _dot("bhncd,bhnde->bhnce", kw, ds_end.astype(cdt))
+    # intra-chunk terms
+    p = _scores(cfg, x, f, cp)
+    dv = dv + _dot("bhnij,bhnie->bhnje", p.astype(cdt), d_o)
+    dp = _dot("bhnie,bhnje->bhnij", d_o, x.v)
+    # The i = j term (Γ_ii = 1) is added after the gate gradient: it cancels exactly in q ⊙ dq − k ⊙ dk,
+    # and leaving it out of that difference avoids fp32 cancellation noise when the gates decay fast.
+    eye = jnp.eye(cfg.chunk, dtype=bool)
+    dp_diag = jnp.diagonal(dp, axis1=-2, axis2=-1)[..., None]  # [B, H, N, C, 1]
+    if cp is None:
+        da = jnp.where(eye, 0.0, dp * f.gamma).astype(cdt)
+        dq = dq + _dot("bhnij,bhnjd->bhnid", da, x.k)
+        dk = dk + _dot("bhnij,bhnid->bhnjd", da, x.q)
+    else:
+        c, sub = cfg.chunk, cfg.sub
+        ns = c // sub
+        dp = jnp.where(f.ok & ~eye, dp, 0.0)
+        dp_off = dp.reshape(dp.shape[:-2] + (ns, sub, c)).astype(cdt)
+        dq_off = cp.qf * _dot("...aij,...ajd->...aid", dp_off, cp.k_anch)
+        dk_off = jnp.sum(cp.kf * _dot("...aij,...aid->...ajd", dp_off, cp.q_anch), axis=-3)
+        dq_diag, dk_diag = _diag_grads(cp.qs, cp.ks, cp.gs, _diag_blocks(dp, ns, sub))
+        dq = dq + (dq_off + dq_diag).reshape(dq.shape)
+        dk = dk + dk_off + dk_diag.reshape(dk.shape)
+    qf32, kf32 = x.q.astype(F32), x.k.astype(F32)
+    dg = None
+    if g is not None:
+        dlogb = qf32 * dq - kf32 * dk  # [B, H, N, C, Dk]
+        final_term = jnp.sum(s_final * dsf.astype(F32), axis=-1)  # [B, H, Dk]
+        if cfg.gate == "scalar":
+            dlogb, final_term = jnp.sum(dlogb, axis=-1), jnp.sum(final_term, axis=-1)
+        dlogb = dlogb.at[:, :, -1, -1].add(final_term)  # the padded row end: g = 0 after T
+        b, h = dlogb.shape[:2]
+        flat = dlogb.reshape((b, h, n * cfg.chunk) + dlogb.shape[4:])
+        r = None
+        if resets is not None:
+            r = jnp.pad(resets, [(0, 0), (0, n * cfg.chunk - cfg.length)])
+        dg = _segmented_reverse_cumsum(flat, r, axis=2)
+        dg = _unchunk(dg.reshape(dlogb.shape), cfg.length).astype(g.dtype)
+    dq = dq + dp_diag * kf32
+    dk = dk + dp_diag * qf32
+    dq = _unchunk(dq, cfg.length).astype(q.dtype)
+    dk = _unchunk(dk, cfg.length).astype(k.dtype)
+    dv = _unchunk(dv, cfg.length).astype(v.dtype)
+    dh0 = None if h0 is None else ds0.astype(h0.dtype)
+    return dq, dk, dv, dg, dh0, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked(cfg: ChunkConfig, q, k, v, g, h0, resets):
+    return _forward(cfg, q, k, v, g, h0, resets)
+
+
+def _chunked_fwd(cfg, q, k, v, g, h0, resets):
+    o, s_final = _forward(cfg, q, k, v, g, h0, resets)
+    return (o, s_final), (q, k, v, g, h0, resets, s_final)
+
+
+_chunked.defvjp(_chunked_fwd, _backward)
+_chunked_jit = jax.jit(_chunked, static_argnums=(0,))
+
+
+def gated_chunk(q, k, v, g=None, *, scale: float, initial_state=None, resets=None, chunk_size: int = 64):
+    """The chunked recurrence. Returns ``o`` fp32 ``[B, T, H, Dv]`` and the final state fp32 ``[B, H, Dk, Dv]``.
+
+    q, k ``[B, T, H, Dk]`` and v ``[B, T, H, Dv]`` in one dtype (the matmul operand dtype); g fp32 log decay
+    ``[B, T, H]`` / ``[B, T, H, Dk]`` / None; initial_state fp32 ``[B, H, Dk, Dv]`` or None; resets bool
+    ``[B, T]`` or None. Differentiable in q, k, v, g, initial_state (custom VJP, see the module docstring).
+    """
+    cfg = make_config(q, g, chunk_size, scale)
+    v = v.astype(q.dtype)
+    return _chunked_jit(cfg, q, k, v, g, initial_state, resets)
+
+
+def chunked_call(call):
+    """``gated_chunk`` on a prepared :class:`~seqmix.ops._recurrent.RecurrentCall`: (o fp32, final_state)."""
+    return gated_chunk(call.q, call.k, call.v, call.g, scale=call.scale, initial_state=call.initial_state,
+                       resets=call.resets, chunk_size=call.chunk_size)
+
+
+# ----------------------------------------------------------------------------- single-token step
+
+
+def step_inputs(q_t, k_t, v_t, state, scale, name: str):
+    """Validate and cast one decode token: returns (q·scale, k, v) fp32, the fp32 state, the scale.
+
+    q_t, k_t ``[B, H, Dk]``, v_t ``[B, H, Dv]``, state ``[B, H, Dk, Dv]`` or None (zeros).
+    """
+    for arg, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
+        _checks.require_rank(f"{name}: {arg}", x, 3, "[batch, heads, head_dim]")
+        _checks.require_float(f"{name}: {arg}", x)
+    b, h, dk = q_t.shape
+    if k_t.shape != q_t.shape:
+        raise ValueError(f"{name}: k_t must have q_t's shape {list(q_t.shape)}; got {list(k_t.shape)}")
+    if v_t.shape[:2] != (b, h):
+        raise ValueError(f"{name}: v_t must match q_t in [batch, heads] = {[b, h]}; got {list(v_t.shape)}")
+    dv = v_t.shape[2]
+    if state is None:
+        state = jnp.zeros((b, h, dk, dv), F32)
+    _checks.require_shape(f"{name}: state", state, (b, h, dk, dv), "[batch, heads, d_k, d_v]")
+    scale = 1.0 / math.sqrt(dk) if scale is None else _checks.require_positive("scale", scale, allow_none=False)
+    f32 = lambda a: jnp.asarray(a, F32)  # noqa: E731
+    return f32(q_t) * scale, f32(k_t), f32(v_t), f32(state), scale

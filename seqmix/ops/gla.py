@@ -1,0 +1,68 @@
+"""Gated Linear Attention (2312.06635): a per-channel gate (FAMILIES.md §2.6).
+
+``gla(q, k, v, g, *, scale=None, initial_state=None, return_state=False, segment_ids=None, chunk_size=64,
+impl=None)``
+
+    S_t = Diag(exp(g_t)) S_{t-1} + k_t v_tᵀ,      o_t = S_tᵀ q_t · scale
+
+q, k ``[B, T, H, Dk]``, v ``[B, T, H, Dv]``, ``g [B, T, H, Dk]`` log decay per key channel (natural log,
+finite, ≤ 0). Returns ``o`` (input dtype) or ``(o, final_state)`` fp32 ``[B, H, Dk, Dv]``. Chunked form:
+FAMILIES.md §2.6 with secondary chunking (sub-chunks of 16 rows anchored at their first row, so both matmul
+factors are ≤ 1; diagonal sub-blocks elementwise in fp32); the gate gradient is the closed form
+``d log b_t = q ⊙ dq − k ⊙ dk``, reverse-cumsummed within segments in fp32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from seqmix.ops import _checks, _gated_chunk, _registry
+from seqmix.ops._recurrent import RecurrentCall, prepare_recurrent, scan_reference
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def prepare_gla(q, k, v, g, *, scale=None, initial_state=None, return_state=False, segment_ids=None,
+                chunk_size=64) -> RecurrentCall:
+    """Validate ``gla``'s arguments (see the module docstring) into a RecurrentCall."""
+    return prepare_recurrent(q, k, v, scale=scale, initial_state=initial_state, return_state=return_state,
+                             segment_ids=segment_ids, chunk_size=chunk_size, g=g, g_kinds=("channel",))
+
+
+def _recurrence(state, x):
+    """One token: ``S ← Diag(exp(g)) S + k vᵀ``; ``o = Sᵀ q`` (fp32; x["g"] ``[B, H, Dk]``, q scaled)."""
+    alpha = jnp.exp(x["g"])[..., :, None]
+    state = alpha * state + x["k"][..., :, None] * x["v"][..., None, :]
+    return state, jnp.einsum("bhkv,bhk->bhv", state, x["q"], precision=HIGHEST)
+
+
+def gla_reference(call: RecurrentCall):
+    """fp32 token loop (the spec)."""
+    o, final = scan_reference(call, _recurrence)
+    return call.finish(o, final)
+
+
+def gla_xla(call: RecurrentCall):
+    """Chunkwise-parallel form with secondary chunking, custom VJP with the closed-form gate gradient."""
+    o, final = _gated_chunk.chunked_call(call)
+    return call.finish(o, final)
+
+
+def gla_step(q_t, k_t, v_t, state, *, g_t, scale=None):
+    """One decode token: ``(o_t [B, H, Dv] (q_t's dtype), state fp32 [B, H, Dk, Dv])``; g_t ``[B, H, Dk]``."""
+    q, k, v, s, _ = _gated_chunk.step_inputs(q_t, k_t, v_t, state, scale, "gla_step")
+    _checks.require_float("g_t", g_t)
+    _checks.require_shape("g_t", g_t, q.shape, "[batch, heads, d_k], log decay per channel")
+    s, o = _recurrence(s, {"q": q, "k": k, "v": v, "g": jnp.asarray(g_t, jnp.float32)})
+    return o.astype(q_t.dtype), s
+
+
+_registry.register_family(
+    "gla", prepare_gla, decode="gla_step",
+    summary="Gated Linear Attention: S_t = Diag(exp(g_t)) S_{t-1} + k_t v_tᵀ with a per-channel log gate.")
+_registry.register_implementation("gla", _registry.Implementation(
+    "reference", gla_reference, platforms=("cpu", "gpu", "tpu"), rank=1000, auto=False))
+_registry.register_implementation("gla", _registry.Implementation(
+    "xla", gla_xla, platforms=("cpu", "gpu", "tpu"), rank=100, describe=_gated_chunk.describe))
+gla = _registry.make_op("gla")

@@ -1,0 +1,192 @@
+"""Linear attention (Transformers are RNNs, 2006.16236) with feature maps (Based, FAMILIES.md §2.4).
+
+``linear_attention(q, k, v, *, feature_map="identity", normalize=False, eps=1e-6, scale=None,
+initial_state=None, return_state=False, segment_ids=None, chunk_size=64, impl=None)``
+
+    S_t = S_{t-1} + φ(k_t) v_tᵀ,        o_t = S_tᵀ φ(q_t) · scale
+    normalize=True:  z_t = z_{t-1} + φ(k_t),   o_t = (S_tᵀ φ(q_t)·scale) / (z_tᵀ φ(q_t)·scale + eps)
+
+q, k ``[B, T, H, Dk]``, v ``[B, T, H, Dv]``; returns ``o [B, T, H, Dv]`` (input dtype) or
+``(o, final_state)`` with ``return_state=True``.
+
+Feature maps (applied to q and k before the recurrence, in fp32, cast back to the input dtype):
+
+* ``"identity"``: ``φ(x) = x`` (Dk' = Dk);   ``"elu"``: ``elu(x) + 1`` (Dk);   ``"relu"``: ``relu(x)`` (Dk);
+* ``"taylor"`` (Based, 2402.18668): ``[1, x/d^{1/4}, (x_i x_j)_{i≤j}/√d]`` with the diagonal terms × 1/√2, so
+  ``φ(q)·φ(k) = 1 + s + s²/2`` with ``s = q·k/√d`` (Dk' = 1 + d + d(d+1)/2; 153 at d = 16);
+* a callable ``[B, T, H, Dk] -> [B, T, H, Dk']`` (e.g. a learned Hedgehog map), applied as is; the op
+  stays differentiable through it.
+
+seqmix rules fixed here:
+
+* ``scale`` defaults to ``Dk^-0.5`` of the *input* head dim (before the feature map).
+* With ``normalize=True`` the scale multiplies numerator and denominator alike (fla's convention), so it
+  only sets the relative size of ``eps``. Use positive maps (``elu``, ``taylor``: ``1 + s + s²/2 > 0``) with
+  the normalizer; signed maps can make the denominator vanish (FAMILIES.md §5.1 rule 6).
+* State shapes: ``initial_state``/``final_state`` are fp32 ``[B, H, Dk', Dv]`` with ``Dk'`` the feature dim.
+  With ``normalize=True`` the state is ``[B, H, Dk', Dv + 1]``: the normalizer ``z`` rides along as the
+  last column (the recurrence runs on ``[v, 1]``), so chaining calls and decoding stay exact.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from seqmix.ops import _checks, _gated_chunk, _registry
+from seqmix.ops._recurrent import RecurrentCall, prepare_recurrent, scan_reference
+
+HIGHEST = jax.lax.Precision.HIGHEST
+FEATURE_MAPS = ("identity", "elu", "relu", "taylor")
+
+
+# ----------------------------------------------------------------------------- feature maps
+
+
+def taylor_feature_map(x):
+    """Based's 2nd-order Taylor map ``[1, x/d^{1/4}, (x ⊗ x)_{i≤j}/√d (diagonal × 1/√2)]`` on the last axis."""
+    d = x.shape[-1]
+    i, j = jnp.triu_indices(d)
+    weight = jnp.where(i == j, 1.0 / math.sqrt(2.0), 1.0).astype(x.dtype) / math.sqrt(d)
+    quad = x[..., i] * x[..., j] * weight
+    ones = jnp.ones(x.shape[:-1] + (1,), x.dtype)
+    return jnp.concatenate([ones, x / d ** 0.25, quad], axis=-1)
+
+
+def _elu_plus_one(x):
+    return jax.nn.elu(x) + 1.0
+
+
+_NAMED: dict[str, Callable] = {
+    "identity": lambda x: x,
+    "elu": _elu_plus_one,
+    "relu": jax.nn.relu,
+    "taylor": taylor_feature_map,
+}
+
+
+def feature_dim(feature_map, head_dim: int) -> int | None:
+    """Dk' for a named map (None for a callable: its output decides)."""
+    if callable(feature_map):
+        return None
+    return 1 + head_dim + head_dim * (head_dim + 1) // 2 if feature_map == "taylor" else head_dim
+
+
+def _resolve_feature_map(feature_map) -> tuple[Callable, str]:
+    if callable(feature_map):
+        return feature_map, "callable"
+    if isinstance(feature_map, str) and feature_map in _NAMED:
+        return _NAMED[feature_map], feature_map
+    raise ValueError(f"feature_map must be one of {list(FEATURE_MAPS)} or a callable "
+                     f"[B, T, H, Dk] -> [B, T, H, Dk']; got {feature_map!r}")
+
+
+def apply_feature_map(feature_map, x, *, name: str = "x"):
+    """φ(x) over the last axis. Named maps run in fp32; the result has x's dtype."""
+    fn, kind = _resolve_feature_map(feature_map)
+    if kind != "callable":
+        return fn(jnp.asarray(x, jnp.float32)).astype(x.dtype)
+    y = fn(x)
+    if jnp.ndim(y) != jnp.ndim(x) or tuple(jnp.shape(y)[:-1]) != tuple(jnp.shape(x)[:-1]):
+        raise ValueError(f"feature_map(callable) must map {name} {list(jnp.shape(x))} to "
+                         f"{list(jnp.shape(x)[:-1]) + ['Dk_feat']}; got {_checks.shape_str(y)}")
+    _checks.require_float(f"feature_map({name})", y)
+    return jnp.asarray(y).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def prepare_linear_attention(q, k, v, *, feature_map="identity", normalize=False, eps=1e-6, scale=None,
+                             initial_state=None, return_state=False, segment_ids=None,
+                             chunk_size=64) -> RecurrentCall:
+    """Validate ``linear_attention``'s arguments (see the module docstring) into a RecurrentCall.
+
+    The feature map is applied here, so the call carries ``φ(q), φ(k)`` ``[B, T, H, Dk']`` and, with
+    ``normalize=True``, ``[v, 1]`` ``[B, T, H, Dv + 1]``.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.require_rank(name, x, 4, "[batch, seq, heads, head_dim]")
+        _checks.require_float(name, x)
+    if tuple(k.shape) != tuple(q.shape):
+        raise ValueError(f"k must have q's shape {list(q.shape)} [batch, seq, heads, d_k]; got k {list(k.shape)}")
+    _, kind = _resolve_feature_map(feature_map)
+    if not isinstance(normalize, bool):
+        raise ValueError(f"normalize must be a bool; got {normalize!r}")
+    eps = _checks.require_positive("eps", eps, allow_none=False)
+    dk = q.shape[-1]
+    scale = 1.0 / math.sqrt(dk) if scale is None else _checks.require_positive("scale", scale, allow_none=False)
+    fq = apply_feature_map(feature_map, q, name="q")
+    fk = apply_feature_map(feature_map, k, name="k")
+    if normalize:
+        v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+    options = (("feature_map", kind), ("normalize", normalize), ("eps", eps))
+    return prepare_recurrent(fq, fk, v, scale=scale, initial_state=initial_state, return_state=return_state,
+                             segment_ids=segment_ids, chunk_size=chunk_size, options=options)
+
+
+def _normalized(call: RecurrentCall, o):
+    """Divide by the normalizer column when ``normalize=True`` (fp32)."""
+    if not call.option("normalize"):
+        return o
+    return o[..., :-1] / (o[..., -1:] + call.option("eps"))
+
+
+# ----------------------------------------------------------------------------- reference and step
+
+
+def _recurrence(state, x):
+    """One token: ``S ← S + φ(k) vᵀ``; ``o = Sᵀ φ(q)`` (x: fp32 ``q`` (scaled), ``k``, ``v``)."""
+    state = state + x["k"][..., :, None] * x["v"][..., None, :]
+    return state, jnp.einsum("bhkv,bhk->bhv", state, x["q"], precision=HIGHEST)
+
+
+def linear_attention_reference(call: RecurrentCall):
+    """fp32 token loop (the spec)."""
+    o, final = scan_reference(call, _recurrence)
+    return call.finish(_normalized(call, o), final)
+
+
+def linear_attention_xla(call: RecurrentCall):
+    """Chunkwise-parallel form (FAMILIES.md §2.6 with all gates 0), custom VJP."""
+    o, final = _gated_chunk.chunked_call(call)
+    return call.finish(_normalized(call, o), final)
+
+
+def linear_attention_step(q_t, k_t, v_t, state, *, feature_map="identity", normalize=False, eps=1e-6,
+                          scale=None):
+    """One decode token: ``(o_t, state)`` with o_t ``[B, H, Dv]`` (q_t's dtype) and the fp32 state.
+
+    q_t, k_t ``[B, H, Dk]`` (raw, before the feature map), v_t ``[B, H, Dv]``; state ``[B, H, Dk', Dv]``
+    (``Dv + 1`` with ``normalize=True``) or None for zeros. Exactly the op's recurrence.
+    """
+    for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
+        _checks.require_rank(f"linear_attention_step: {name}", x, 3, "[batch, heads, head_dim]")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q_t.shape[-1])
+    eps = _checks.require_positive("eps", eps, allow_none=False)
+    fq = apply_feature_map(feature_map, q_t[:, None], name="q_t")[:, 0]
+    fk = apply_feature_map(feature_map, k_t[:, None], name="k_t")[:, 0]
+    if normalize:
+        v_t = jnp.concatenate([v_t, jnp.ones(v_t.shape[:-1] + (1,), v_t.dtype)], axis=-1)
+    q, k, v, s, _ = _gated_chunk.step_inputs(fq, fk, v_t, state, scale, "linear_attention_step")
+    s, o = _recurrence(s, {"q": q, "k": k, "v": v})
+    if normalize:
+        o = o[..., :-1] / (o[..., -1:] + eps)
+    return o.astype(q_t.dtype), s
+
+
+# ----------------------------------------------------------------------------- registration
+
+_registry.register_family(
+    "linear_attention", prepare_linear_attention, decode="linear_attention_step",
+    summary="Linear attention S_t = S_{t-1} + φ(k_t)v_tᵀ with feature maps (identity, elu+1, relu, Based "
+            "Taylor, callable) and an optional normalizer.")
+_registry.register_implementation("linear_attention", _registry.Implementation(
+    "reference", linear_attention_reference, platforms=("cpu", "gpu", "tpu"), rank=1000, auto=False))
+_registry.register_implementation("linear_attention", _registry.Implementation(
+    "xla", linear_attention_xla, platforms=("cpu", "gpu", "tpu"), rank=100, describe=_gated_chunk.describe))
+linear_attention = _registry.make_op("linear_attention")

@@ -1,0 +1,68 @@
+"""Simple GLA (a scalar gate per head and token; Mamba-2's SSD form, 2405.21060; GLA, 2312.06635).
+
+``simple_gla(q, k, v, g, *, scale=None, initial_state=None, return_state=False, segment_ids=None,
+chunk_size=64, impl=None)``
+
+    S_t = exp(g_t) S_{t-1} + k_t v_tᵀ,      o_t = S_tᵀ q_t · scale
+
+q, k ``[B, T, H, Dk]``, v ``[B, T, H, Dv]``, ``g [B, T, H]`` log decay per head and token (natural log,
+finite, ≤ 0; a constant ``[H]`` is also accepted, as fla's ``g_gamma``). Returns ``o`` (input dtype) or
+``(o, final_state)`` fp32 ``[B, H, Dk, Dv]``. Chunked form: FAMILIES.md §2.6, scalar-gate path
+(``P = (Q Kᵀ) ⊙ Γ``, ``Γ_ij = exp(G_i − G_j)`` masked in log space); the gate gradient is the closed form
+``d log b_t = Σ_c (q ⊙ dq − k ⊙ dk)_tc``, reverse-cumsummed within segments in fp32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from seqmix.ops import _checks, _gated_chunk, _registry
+from seqmix.ops._recurrent import RecurrentCall, prepare_recurrent, scan_reference
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def prepare_simple_gla(q, k, v, g, *, scale=None, initial_state=None, return_state=False, segment_ids=None,
+                       chunk_size=64) -> RecurrentCall:
+    """Validate ``simple_gla``'s arguments (see the module docstring) into a RecurrentCall."""
+    return prepare_recurrent(q, k, v, scale=scale, initial_state=initial_state, return_state=return_state,
+                             segment_ids=segment_ids, chunk_size=chunk_size, g=g, g_kinds=("scalar", "head"))
+
+
+def _recurrence(state, x):
+    """One token: ``S ← exp(g) S + k vᵀ``; ``o = Sᵀ q`` (fp32; x["g"] ``[B, H]``, q scaled)."""
+    alpha = jnp.exp(x["g"])[..., None, None]
+    state = alpha * state + x["k"][..., :, None] * x["v"][..., None, :]
+    return state, jnp.einsum("bhkv,bhk->bhv", state, x["q"], precision=HIGHEST)
+
+
+def simple_gla_reference(call: RecurrentCall):
+    """fp32 token loop (the spec)."""
+    o, final = scan_reference(call, _recurrence)
+    return call.finish(o, final)
+
+
+def simple_gla_xla(call: RecurrentCall):
+    """Chunkwise-parallel form (scalar-gate path), custom VJP with the closed-form gate gradient."""
+    o, final = _gated_chunk.chunked_call(call)
+    return call.finish(o, final)
+
+
+def simple_gla_step(q_t, k_t, v_t, state, *, g_t, scale=None):
+    """One decode token: ``(o_t [B, H, Dv] (q_t's dtype), state fp32 [B, H, Dk, Dv])``; g_t ``[B, H]``."""
+    q, k, v, s, _ = _gated_chunk.step_inputs(q_t, k_t, v_t, state, scale, "simple_gla_step")
+    _checks.require_float("g_t", g_t)
+    _checks.require_shape("g_t", g_t, q.shape[:2], "[batch, heads], log decay")
+    s, o = _recurrence(s, {"q": q, "k": k, "v": v, "g": jnp.asarray(g_t, jnp.float32)})
+    return o.astype(q_t.dtype), s
+
+
+_registry.register_family(
+    "simple_gla", prepare_simple_gla, decode="simple_gla_step",
+    summary="Simple GLA / Mamba-2 SSD: S_t = exp(g_t) S_{t-1} + k_t v_tᵀ with a scalar log gate per head and token.")
+_registry.register_implementation("simple_gla", _registry.Implementation(
+    "reference", simple_gla_reference, platforms=("cpu", "gpu", "tpu"), rank=1000, auto=False))
+_registry.register_implementation("simple_gla", _registry.Implementation(
+    "xla", simple_gla_xla, platforms=("cpu", "gpu", "tpu"), rank=100, describe=_gated_chunk.describe))
+simple_gla = _registry.make_op("simple_gla")
