@@ -168,6 +168,23 @@ def make_op(family: str) -> Callable:
     return op
 
 
+ALL_PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+def define_family(name: str, prepare: Callable[..., Any], *, summary: str, decode: str,
+                  reference: Callable[[Any], Any], xla: Callable[[Any], Any],
+                  describe: Callable[[Any], str] | None = None) -> Callable:
+    """Register a family with its two portable implementations and return its op.
+
+    ``reference`` (the spec; never chosen automatically) and ``xla`` (the "slower, never wrong"
+    fallback) run everywhere. Accelerator kernels add themselves with :func:`register_implementation`.
+    """
+    register_family(name, prepare, summary=summary, decode=decode)
+    register_implementation(name, Implementation("reference", reference, ALL_PLATFORMS, rank=1000, auto=False))
+    register_implementation(name, Implementation("xla", xla, ALL_PLATFORMS, rank=100, describe=describe))
+    return make_op(name)
+
+
 def explain(op, *args, impl=None, **kwargs) -> str:
     """Say which implementation ``op(*args, **kwargs, impl=impl)`` would run, and why not the others."""
     family = getattr(op, "family", op)

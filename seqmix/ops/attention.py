@@ -577,13 +577,8 @@ def attention_decode(q, k, v, cache: KVCache, *, mask=None, segment_ids=None, sc
 
 # ----------------------------------------------------------------------------- registration
 
-_registry.register_family(
+attention = _registry.define_family(
     "attention", prepare_attention, decode="KV cache (full, window ring, sinks + window)",
-    summary="Softmax attention with composable masks, packed documents, GQA/MQA, sink logits and soft cap.")
-_registry.register_implementation("attention", _registry.Implementation(
-    "reference", attention_reference, platforms=("cpu", "gpu", "tpu"), rank=1000, auto=False))
-_registry.register_implementation("attention", _registry.Implementation(
-    "xla", attention_xla, platforms=("cpu", "gpu", "tpu"), rank=100,
-    describe=lambda c: f"block_q={c.block_q}, block_kv={c.block_kv}"))
+    summary="Softmax attention with composable masks, packed documents, GQA/MQA, sink logits and soft cap.",
+    reference=attention_reference, xla=attention_xla, describe=lambda c: f"block_q={c.block_q}, block_kv={c.block_kv}")
 _registry.register_module("attention", "Attention")
-attention = _registry.make_op("attention")

@@ -53,11 +53,7 @@ def delta_rule_step(q_t, k_t, v_t, state, *, beta_t, scale=None):
     return _delta_chunk.decode_step(q_t, k_t, v_t, state, beta_t=beta_t, scale=scale, gated=False)
 
 
-_registry.register_family(
+delta_rule = _registry.define_family(
     "delta_rule", prepare_delta_rule, decode="delta_rule_step (recurrent state)",
-    summary="DeltaNet: delta-rule fast weights S_t = (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ.")
-_registry.register_implementation("delta_rule", _registry.Implementation(
-    "reference", delta_rule_reference, platforms=("cpu", "gpu", "tpu"), rank=1000, auto=False))
-_registry.register_implementation("delta_rule", _registry.Implementation(
-    "xla", delta_rule_xla, platforms=("cpu", "gpu", "tpu"), rank=100, describe=_delta_chunk.describe))
-delta_rule = _registry.make_op("delta_rule")
+    summary="DeltaNet: delta-rule fast weights S_t = (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ.",
+    reference=delta_rule_reference, xla=delta_rule_xla, describe=_delta_chunk.describe)

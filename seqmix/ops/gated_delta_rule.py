@@ -57,11 +57,7 @@ def gated_delta_rule_step(q_t, k_t, v_t, state, *, beta_t, g_t, scale=None):
     return _delta_chunk.decode_step(q_t, k_t, v_t, state, beta_t=beta_t, g_t=g_t, scale=scale, gated=True)
 
 
-_registry.register_family(
+gated_delta_rule = _registry.define_family(
     "gated_delta_rule", prepare_gated_delta_rule, decode="gated_delta_rule_step (recurrent state)",
-    summary="Gated DeltaNet: S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ with α_t = exp(g_t).")
-_registry.register_implementation("gated_delta_rule", _registry.Implementation(
-    "reference", gated_delta_rule_reference, platforms=("cpu", "gpu", "tpu"), rank=1000, auto=False))
-_registry.register_implementation("gated_delta_rule", _registry.Implementation(
-    "xla", gated_delta_rule_xla, platforms=("cpu", "gpu", "tpu"), rank=100, describe=_delta_chunk.describe))
-gated_delta_rule = _registry.make_op("gated_delta_rule")
+    summary="Gated DeltaNet: S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ with α_t = exp(g_t).",
+    reference=gated_delta_rule_reference, xla=gated_delta_rule_xla, describe=_delta_chunk.describe)

@@ -58,11 +58,7 @@ def gla_step(q_t, k_t, v_t, state, *, g_t, scale=None):
     return o.astype(q_t.dtype), s
 
 
-_registry.register_family(
+gla = _registry.define_family(
     "gla", prepare_gla, decode="gla_step",
-    summary="Gated Linear Attention: S_t = Diag(exp(g_t)) S_{t-1} + k_t v_tᵀ with a per-channel log gate.")
-_registry.register_implementation("gla", _registry.Implementation(
-    "reference", gla_reference, platforms=("cpu", "gpu", "tpu"), rank=1000, auto=False))
-_registry.register_implementation("gla", _registry.Implementation(
-    "xla", gla_xla, platforms=("cpu", "gpu", "tpu"), rank=100, describe=_gated_chunk.describe))
-gla = _registry.make_op("gla")
+    summary="Gated Linear Attention: S_t = Diag(exp(g_t)) S_{t-1} + k_t v_tᵀ with a per-channel log gate.",
+    reference=gla_reference, xla=gla_xla, describe=_gated_chunk.describe)

@@ -181,12 +181,8 @@ def linear_attention_step(q_t, k_t, v_t, state, *, feature_map="identity", norma
 
 # ----------------------------------------------------------------------------- registration
 
-_registry.register_family(
+linear_attention = _registry.define_family(
     "linear_attention", prepare_linear_attention, decode="linear_attention_step",
     summary="Linear attention S_t = S_{t-1} + φ(k_t)v_tᵀ with feature maps (identity, elu+1, relu, Based "
-            "Taylor, callable) and an optional normalizer.")
-_registry.register_implementation("linear_attention", _registry.Implementation(
-    "reference", linear_attention_reference, platforms=("cpu", "gpu", "tpu"), rank=1000, auto=False))
-_registry.register_implementation("linear_attention", _registry.Implementation(
-    "xla", linear_attention_xla, platforms=("cpu", "gpu", "tpu"), rank=100, describe=_gated_chunk.describe))
-linear_attention = _registry.make_op("linear_attention")
+            "Taylor, callable) and an optional normalizer.",
+    reference=linear_attention_reference, xla=linear_attention_xla, describe=_gated_chunk.describe)

@@ -98,11 +98,7 @@ def retention_step(q_t, k_t, v_t, state, *, decay, scale=None):
     return o.astype(q_t.dtype), s
 
 
-_registry.register_family(
+retention = _registry.define_family(
     "retention", prepare_retention, decode="retention_step",
-    summary="Retention (RetNet, Lightning): S_t = γ_h S_{t-1} + k_t v_tᵀ with a fixed per-head decay.")
-_registry.register_implementation("retention", _registry.Implementation(
-    "reference", retention_reference, platforms=("cpu", "gpu", "tpu"), rank=1000, auto=False))
-_registry.register_implementation("retention", _registry.Implementation(
-    "xla", retention_xla, platforms=("cpu", "gpu", "tpu"), rank=100, describe=_gated_chunk.describe))
-retention = _registry.make_op("retention")
+    summary="Retention (RetNet, Lightning): S_t = γ_h S_{t-1} + k_t v_tᵀ with a fixed per-head decay.",
+    reference=retention_reference, xla=retention_xla, describe=_gated_chunk.describe)

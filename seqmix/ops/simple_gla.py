@@ -58,11 +58,7 @@ def simple_gla_step(q_t, k_t, v_t, state, *, g_t, scale=None):
     return o.astype(q_t.dtype), s
 
 
-_registry.register_family(
+simple_gla = _registry.define_family(
     "simple_gla", prepare_simple_gla, decode="simple_gla_step",
-    summary="Simple GLA / Mamba-2 SSD: S_t = exp(g_t) S_{t-1} + k_t v_tᵀ with a scalar log gate per head and token.")
-_registry.register_implementation("simple_gla", _registry.Implementation(
-    "reference", simple_gla_reference, platforms=("cpu", "gpu", "tpu"), rank=1000, auto=False))
-_registry.register_implementation("simple_gla", _registry.Implementation(
-    "xla", simple_gla_xla, platforms=("cpu", "gpu", "tpu"), rank=100, describe=_gated_chunk.describe))
-simple_gla = _registry.make_op("simple_gla")
+    summary="Simple GLA / Mamba-2 SSD: S_t = exp(g_t) S_{t-1} + k_t v_tᵀ with a scalar log gate per head and token.",
+    reference=simple_gla_reference, xla=simple_gla_xla, describe=_gated_chunk.describe)

@@ -1,0 +1,369 @@
+"""``attention`` on TPU: lowers an :class:`AttentionCall` to the block-sparse Pallas kernels.
+
+The kernels (``pallas_kernels.tpu.flash_attention``) take a kernel layout and splash-style step
+metadata; this module builds both:
+
+1. tiles from :mod:`seqmix.ops.tpu_blocks` for the target TPU generation, clamped to the call
+   (short sequences, GQA groups stacked as ``G·block_q`` rows, a VMEM budget);
+2. positions, segment-relative positions and segment ids padded to block multiples (padded keys get
+   position −1 = invalid) and packed as int32 coordinate rows ``[B, 8, T]``;
+3. EMPTY / PARTIAL / FULL per (q block, kv block) from :func:`seqmix.ops.masks.classify_blocks`
+   (which already folds in segments and padding), compacted into per-block step lists for the
+   forward and dq grids and, transposed, for the dkv grid;
+4. the mask predicate as a plain callable on int32 arrays, evaluated in-kernel on PARTIAL blocks.
+
+Registered as ``Implementation("pallas_tpu", platforms=("tpu",), rank=10)``. On CPU the same code runs
+in Pallas interpret mode when named explicitly (``impl="pallas_tpu"``): that is how it is tested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels._interpret import interpret_params
+from pallas_kernels.tpu import flash_attention as fa
+from seqmix.ops import _registry, tpu_blocks
+from seqmix.ops import masks as masks_lib
+from seqmix.ops.attention import AttentionCall, _finish, _pad_axis, _pad_edge
+
+MIN_Q_LEN = 65  # shorter query blocks belong to a decode kernel (FAMILIES.md §3.5)
+MAX_STEP_ENTRIES = 1 << 16  # int32 metadata entries per kernel in SMEM (1 MiB per core)
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+_DEFAULT_SCOPED_VMEM = 16 * 1024 * 1024
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+# ----------------------------------------------------------------------------- mask predicate
+
+# Primitives an int32 predicate may use in-kernel (elementwise arithmetic, comparisons, selects).
+_SAFE_PRIMITIVES = frozenset({
+    "lt", "le", "gt", "ge", "eq", "ne", "and", "or", "not", "xor", "add", "sub", "mul", "div", "rem",
+    "neg", "sign", "abs", "max", "min", "select_n", "broadcast_in_dim", "convert_element_type",
+    "floor", "ceil", "clamp", "shift_left", "shift_right_arithmetic", "shift_right_logical",
+    "reshape", "squeeze", "expand_dims", "integer_pow", "copy", "copy_p", "iota", "pjit", "jit",
+    "closed_call", "core_call",
+})
+
+
+def _sub_jaxprs(eqn):
+    for val in eqn.params.values():
+        for v in (val if isinstance(val, (tuple, list)) else (val,)):
+            if hasattr(v, "eqns"):
+                yield v, ()
+            elif hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
+                yield v.jaxpr, tuple(getattr(v, "consts", ()))
+
+
+def _jaxpr_problem(jaxpr, consts) -> str | None:
+    if any(np.size(c) > 1 for c in consts):
+        return "captures an array constant (a TPU kernel cannot gather from a host matrix)"
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name not in _SAFE_PRIMITIVES:
+            return f"uses `{name}`, which the kernel does not evaluate in-kernel"
+        for sub, sub_consts in _sub_jaxprs(eqn):
+            problem = _jaxpr_problem(sub, sub_consts)
+            if problem:
+                return problem
+    return None
+
+
+def _predicate_problem_uncached(mask: masks_lib.Mask) -> str | None:
+    i32 = jnp.int32
+    args = (jax.ShapeDtypeStruct((8, 1), i32), jax.ShapeDtypeStruct((8, 1), i32),
+            jax.ShapeDtypeStruct((1, 128), i32), jax.ShapeDtypeStruct((1, 128), i32))
+    try:
+        closed = jax.make_jaxpr(lambda qp, qr, kp, kr: mask.allowed(masks_lib.Coords(qp, qr),
+                                                                    masks_lib.Coords(kp, kr)))(*args)
+    except Exception as err:  # noqa: BLE001 - any failure means "not kernel-evaluable"
+        return f"mask {type(mask).__name__} cannot be traced on int32 coordinate tiles ({type(err).__name__})"
+    out = closed.out_avals[0]
+    if out.dtype != jnp.bool_:
+        return f"mask {type(mask).__name__}.allowed returns {out.dtype}, expected bool"
+    problem = _jaxpr_problem(closed.jaxpr, closed.consts)
+    if problem:
+        return (f"mask {type(mask).__name__} {problem}; block-sparse Explicit masks need "
+                "precomputed mask tiles, which this kernel does not take yet")
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _predicate_problem_cached(mask) -> str | None:
+    return _predicate_problem_uncached(mask)
+
+
+def predicate_problem(mask: masks_lib.Mask) -> str | None:
+    """None if ``mask.allowed`` can run inside a Mosaic kernel, else why not."""
+    try:
+        return _predicate_problem_cached(mask)
+    except TypeError:  # an unhashable user mask
+        return _predicate_problem_uncached(mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MaskPredicate:
+    """``mask.allowed`` as the kernel's plain callable on int32 arrays (hashable, static)."""
+
+    mask: masks_lib.Mask
+
+    def __call__(self, q_pos, q_rel, kv_pos, kv_rel):
+        return self.mask.allowed(masks_lib.Coords(q_pos, q_rel), masks_lib.Coords(kv_pos, kv_rel))
+
+
+# ----------------------------------------------------------------------------- tiles
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    tiles: fa.FlashTiles
+    generation: str
+    vmem_limit_bytes: int | None
+    padded_q: int
+    padded_kv: int
+
+
+def _fit_kv(length: int, block: int, chunk: int, align: int) -> tuple[int, int]:
+    block = min(block, _round_up(length, align))
+    if block <= chunk:
+        return block, block
+    return block, chunk if block % chunk == 0 else math.gcd(block, chunk)
+
+
+def _vmem_estimate(tiles: fa.FlashTiles, g: int, d: int, dv: int, itemsize: int) -> int:
+    """Rough peak VMEM bytes of the largest of the three kernels (double-buffered blocks + scratch
+    + ~4 live fp32 score tiles)."""
+    lanes = fa.NUM_LANES
+    rows, bkv, bkc = g * tiles.block_q, tiles.block_kv, tiles.block_kv_compute
+    fwd = (2 * rows * (d + dv) * itemsize + 2 * bkv * (d + dv) * itemsize + 2 * g * 8 * tiles.block_q * 4
+           + 2 * rows * lanes * 4 + rows * dv * 4 + 4 * rows * bkc * 4)
+    rows_b, bkv_b, bkc_b = g * tiles.block_q_bwd, tiles.block_kv_bwd, tiles.block_kv_compute_bwd
+    dq = (2 * rows_b * (2 * d + dv) * itemsize + 2 * bkv_b * (d + dv) * itemsize
+          + 2 * rows_b * lanes * 4 + rows_b * d * 4 + 4 * rows_b * bkc_b * 4)
+    dkv = (2 * rows_b * (d + dv) * itemsize + 4 * bkv_b * (d + dv) * itemsize + bkv_b * (d + dv) * 4
+           + 4 * bkv_b * tiles.block_q_bwd * 4)
+    return max(fwd, dq, dkv)
+
+
+def plan(call: AttentionCall) -> _Plan:
+    """Tiles for this call on the current target. Raises NotImplementedError if none fit."""
+    blocks = tpu_blocks.flash_blocks()
+    gen = "pinned" if getattr(tpu_blocks._state, "pinned", None) is not None else tpu_blocks.generation()
+    t = blocks.tiles
+    b, tq, hq, d = call.q.shape
+    s, hkv = call.k.shape[1], call.k.shape[2]
+    dv = call.v.shape[-1]
+    g = hq // hkv
+    qa, ka = blocks.q_align, blocks.kv_align
+
+    def fit_q(bq):
+        while g * bq > blocks.max_rows and bq // 2 >= qa and (bq // 2) % qa == 0:
+            bq //= 2
+        return min(bq, _round_up(tq, qa))
+
+    bq, bq_b = fit_q(t.block_q), fit_q(t.block_q_bwd)
+    bkv, bkc = _fit_kv(s, t.block_kv, t.block_kv_compute, ka)
+    bkv_b, bkc_b = _fit_kv(s, t.block_kv_bwd, t.block_kv_compute_bwd, ka)
+    tiles = fa.FlashTiles(bq, bkv, bkc, bq_b, bkv_b, bkc_b)
+    limit = blocks.vmem_limit_bytes
+    budget = int(0.75 * (limit or _DEFAULT_SCOPED_VMEM))
+    itemsize = jnp.dtype(call.q.dtype).itemsize
+    while _vmem_estimate(tiles, g, d, dv, itemsize) > budget:
+        # Halve the largest shrinkable tile: score chunks first, then q rows, then kv blocks.
+        cands = [("block_kv_compute", ka), ("block_kv_compute_bwd", ka), ("block_q", qa),
+                 ("block_q_bwd", qa), ("block_kv", ka), ("block_kv_bwd", ka)]
+        changed = False
+        for name, align in sorted(cands, key=lambda c: -getattr(tiles, c[0])):
+            val = getattr(tiles, name)
+            if val // 2 >= align and (val // 2) % align == 0:
+                new = dataclasses.replace(tiles, **{name: val // 2})
+                if new.block_kv % new.block_kv_compute == 0 and new.block_kv_bwd % new.block_kv_compute_bwd == 0:
+                    tiles, changed = new, True
+                    break
+        if not changed:
+            raise NotImplementedError(
+                f"no tiles fit {budget >> 20} MiB of VMEM for G={g}, head_dim={d}, v_head_dim={dv}")
+    tp = _round_up(tq, math.lcm(tiles.block_q, tiles.block_q_bwd))
+    sp = _round_up(s, math.lcm(tiles.block_kv, tiles.block_kv_bwd))
+    return _Plan(tiles, gen, limit, tp, sp)
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def step_lists(cls):
+    """``cls [n_outer, n_inner]`` (EMPTY/PARTIAL/FULL) -> flattened packed steps ``[n_outer·n_inner]``.
+
+    Row ``o`` lists its non-empty inner blocks in increasing order, then repeats the last one with
+    kind EMPTY (no new DMA, body skipped); a row with no block points at block 0.
+    """
+    n_outer, n_inner = cls.shape
+    nonempty = cls != masks_lib.EMPTY
+    order = jnp.argsort(jnp.logical_not(nonempty), axis=1, stable=True).astype(jnp.int32)
+    count = nonempty.sum(1, dtype=jnp.int32)[:, None]
+    t = jnp.arange(n_inner, dtype=jnp.int32)[None, :]
+    last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0), axis=1)
+    live = t < count
+    block = jnp.where(live, order, last)
+    kind = jnp.where(live, jnp.take_along_axis(cls, order, axis=1), fa.EMPTY)
+    return fa.step_entry(block, kind).astype(jnp.int32).reshape(-1)
+
+
+def block_kinds(chunk_cls, nc: int):
+    """Chunk kinds ``[nq, nk·nc]`` -> block kinds ``[nq, nk]``: EMPTY if every chunk is, FULL if every
+    chunk is, else PARTIAL (tighter than classifying the whole block from its ranges)."""
+    c = chunk_cls.reshape(chunk_cls.shape[0], -1, nc)
+    return jnp.where(jnp.all(c == masks_lib.FULL, -1), masks_lib.FULL,
+                     jnp.where(jnp.all(c == masks_lib.EMPTY, -1), masks_lib.EMPTY, masks_lib.PARTIAL))
+
+
+def _coords(pos, rel, seg, b, length):
+    """int32 [B, 8, length]: rows pos, rel, seg, zeros."""
+    rows = [jnp.broadcast_to(pos, (b, length)), jnp.broadcast_to(rel, (b, length)),
+            jnp.zeros((b, length), jnp.int32) if seg is None else seg]
+    rows += [jnp.zeros((b, length), jnp.int32)] * (fa.COORD_ROWS - len(rows))
+    return jnp.stack(rows, axis=1).astype(jnp.int32)
+
+
+def _chunk_major(coords, chunk: int):
+    """[B, 8, S] -> [B, S/chunk, 8, chunk]."""
+    b, r, s = coords.shape
+    return coords.reshape(b, r, s // chunk, chunk).transpose(0, 2, 1, 3)
+
+
+def _metadata(call: AttentionCall, p: _Plan):
+    b, tq = call.q.shape[:2]
+    s = call.k.shape[1]
+    tp, sp = p.padded_q, p.padded_kv
+    q_valid = jnp.arange(tp) < tq
+    q_pos = _pad_edge(call.q_pos, 0, tp)
+    kv_pos = _pad_axis(call.kv_pos, 0, sp, -1)
+    q_rel = _pad_edge(jnp.broadcast_to(call.q_rel, (b, tq)), 1, tp)
+    kv_rel = _pad_edge(jnp.broadcast_to(call.kv_rel, (b, s)), 1, sp)
+    has_seg = call.q_seg is not None
+    q_seg = _pad_edge(call.q_seg, 1, tp) if has_seg else None
+    kv_seg = _pad_edge(call.kv_seg, 1, sp) if has_seg else None
+
+    def classify(bq, bkv, bkc):
+        """Per-chunk kinds [nq·nk·nc] and per-block kinds [nq, nk] derived from them."""
+        cls_c = masks_lib.classify_blocks(call.mask, q_pos, kv_pos, q_rel, kv_rel, q_seg, kv_seg,
+                                          q_valid, bq, bkc)
+        return cls_c.reshape(-1), block_kinds(cls_c, bkv // bkc)
+
+    t = p.tiles
+    chunks_f, cls_f = classify(t.block_q, t.block_kv, t.block_kv_compute)
+    chunks_b, cls_b = classify(t.block_q_bwd, t.block_kv_bwd, t.block_kv_compute_bwd)
+    kv_coords = _coords(kv_pos, kv_rel, kv_seg, b, sp)
+    meta = ((step_lists(cls_f), chunks_f, _chunk_major(kv_coords, t.block_kv_compute)),
+            (step_lists(cls_b), step_lists(cls_b.T), chunks_b, _chunk_major(kv_coords, t.block_kv_compute_bwd)))
+    return meta, _coords(q_pos, q_rel, q_seg, b, tp)
+
+
+@functools.lru_cache(maxsize=512)
+def _density_cached(mask, tq: int, s: int, bq: int, bkc: int, tp: int, sp: int) -> float:
+    with jax.ensure_compile_time_eval():
+        q_pos = jnp.asarray(np.minimum(s - tq + np.arange(tp), s - 1), jnp.int32)
+        kv_pos = jnp.asarray(np.where(np.arange(sp) < s, np.arange(sp), -1), jnp.int32)
+        cls = masks_lib.classify_blocks(mask, q_pos, kv_pos, q_pos[None], kv_pos[None], None, None,
+                                        jnp.arange(tp) < tq, bq, bkc)
+        return float(np.mean(np.asarray(cls) != masks_lib.EMPTY))
+
+
+def default_density(mask, tq: int, s: int, bq: int, bkc: int, tp: int, sp: int) -> float:
+    """Fraction of non-empty (q block, kv chunk) pairs for default positions and no segments.
+
+    Only feeds the kernels' XLA cost estimates (the real metadata is dynamic); 1.0 if unknown.
+    """
+    try:
+        return _density_cached(mask, tq, s, bq, bkc, tp, sp)
+    except Exception:  # noqa: BLE001 - unhashable or untraceable mask: assume dense
+        return 1.0
+
+
+# ----------------------------------------------------------------------------- implementation
+
+
+def _config(call: AttentionCall, p: _Plan) -> fa.FlashConfig:
+    mask_fn = None if isinstance(call.mask, masks_lib.Full) else _MaskPredicate(call.mask)
+    return fa.FlashConfig(scale=float(call.scale), soft_cap=call.soft_cap, mask_fn=mask_fn,
+                          has_segments=call.q_seg is not None, has_sinks=call.sink_logits is not None,
+                          tiles=p.tiles, vmem_limit_bytes=p.vmem_limit_bytes,
+                          interpret=interpret_params(),
+                          density=default_density(call.mask, call.q.shape[1], call.k.shape[1],
+                                                  p.tiles.block_q, p.tiles.block_kv_compute,
+                                                  p.padded_q, p.padded_kv))
+
+
+def attention_pallas_tpu(call: AttentionCall):
+    """Block-sparse flash attention (forward and backward Pallas TPU kernels)."""
+    p = plan(call)
+    b, tq, hq, d = call.q.shape
+    s, hkv = call.k.shape[1], call.k.shape[2]
+    dv = call.v.shape[-1]
+    g = hq // hkv
+    tp, sp = p.padded_q, p.padded_kv
+    (fwd_meta, bwd_meta), q_coords = _metadata(call, p)
+    q = _pad_axis(call.q, 1, tp, 0).reshape(b, tp, hkv, g, d).transpose(0, 2, 3, 1, 4)
+    k = _pad_axis(call.k, 1, sp, 0).transpose(0, 2, 1, 3)
+    v = _pad_axis(call.v, 1, sp, 0).transpose(0, 2, 1, 3)
+    if call.sink_logits is None:
+        sinks = jnp.zeros((hq,), jnp.float32)
+    else:
+        sinks = call.sink_logits.astype(jnp.float32)
+    o, lse = fa.flash_attention(_config(call, p), q, k, v, sinks, q_coords, fwd_meta, bwd_meta)
+    o = o.transpose(0, 3, 1, 2, 4).reshape(b, tp, hq, dv)[:, :tq]
+    lse = lse.reshape(b, hq, tp)[:, :, :tq]
+    return _finish(call, o, lse)
+
+
+def supports(call: AttentionCall) -> str | None:
+    dtype = jnp.dtype(call.q.dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        return f"dtype {dtype} (the TPU kernel takes float32 or bfloat16)"
+    tq = call.q.shape[1]
+    if tq < MIN_Q_LEN:
+        return (f"q length {tq} < {MIN_Q_LEN}: short queries and decode belong to a decode kernel "
+                "(FAMILIES.md §3.5), not a prefill kernel padded to a 128-row block")
+    if not isinstance(call.mask, masks_lib.Full):
+        problem = predicate_problem(call.mask)
+        if problem:
+            return problem
+    try:
+        p = plan(call)
+    except NotImplementedError as err:
+        return str(err)
+    t = p.tiles
+    n_fwd = (p.padded_q // t.block_q) * (p.padded_kv // t.block_kv_compute)
+    n_bwd = (p.padded_q // t.block_q_bwd) * (p.padded_kv // t.block_kv_compute_bwd)
+    if max(n_fwd, n_bwd) > MAX_STEP_ENTRIES:
+        return (f"{max(n_fwd, n_bwd)} (q block, kv chunk) pairs exceed the {MAX_STEP_ENTRIES} "
+                "int32 metadata entries kept in SMEM; use larger tiles or ring attention")
+    return None
+
+
+def describe(call: AttentionCall) -> str:
+    try:
+        p = plan(call)
+    except NotImplementedError as err:
+        return f"no tiles: {err}"
+    t = p.tiles
+    g = call.groups
+    return (f"pallas_tpu flash kernels [{p.generation}]: fwd block_q={t.block_q} x {g} heads, "
+            f"block_kv={t.block_kv} (compute {t.block_kv_compute}); dq/dkv block_q={t.block_q_bwd}, "
+            f"block_kv={t.block_kv_bwd} (compute {t.block_kv_compute_bwd})")
+
+
+IMPLEMENTATION = _registry.Implementation(
+    "pallas_tpu", attention_pallas_tpu, platforms=("tpu",), rank=10, supports=supports,
+    describe=describe)
+
+if "pallas_tpu" not in _registry.get_family("attention").implementations:
+    _registry.register_implementation("attention", IMPLEMENTATION)
