@@ -1,0 +1,134 @@
+"""The ``seqmix`` command.
+
+* ``seqmix train [flags]``: the main job. With no flags it trains a small byte-level LM with softmax
+  attention on the Python standard library's source, on CPU in a few minutes (see
+  ``seqmix.train.config.TrainConfig`` for every default and ``seqmix train --help`` for the flags).
+* ``seqmix info``: versions, devices, and the capability matrix of the registered attention families.
+* ``seqmix bench [args]``: runs ``experiments/bench.py`` of a source checkout with ``args``.
+
+Bad flags or settings print one ``error:`` line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from importlib import metadata
+from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage dump) and exit with status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from seqmix.train.config import add_train_arguments
+
+    parser = _Parser(prog="seqmix", description="seqmix: attention families as JAX/Flax NNX modules.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,info,bench}")
+    train = sub.add_parser("train", help="train a small LM on a task (default: byte-level LM on CPU)",
+                           description="Train a small LM. With no flags: the main job (byte-level LM on the "
+                                       "Python stdlib, softmax attention, a few minutes on CPU).")
+    add_train_arguments(train)
+    train.set_defaults(subparser=train)
+    sub.add_parser("info", help="versions, devices and the capability matrix")
+    sub.add_parser("bench", help="run experiments/bench.py from the repository (arguments pass through)",
+                   add_help=False)
+    return parser
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def info() -> int:
+    import platform
+
+    import jax
+
+    import seqmix
+    from seqmix.ops import capability_markdown
+
+    print(f"seqmix {seqmix.__version__} ({Path(seqmix.__file__).parent})")
+    print(f"python {platform.python_version()}, jax {jax.__version__}, jaxlib {_version('jaxlib')}, "
+          f"flax {_version('flax')}, optax {_version('optax')}, orbax-checkpoint {_version('orbax-checkpoint')}")
+    devices = jax.devices()
+    print(f"backend {jax.default_backend()}: {len(devices)} device(s): "
+          + ", ".join(sorted({d.device_kind for d in devices})))
+    try:
+        from seqmix.models import registered_mixers
+        print("mixers: " + ", ".join(registered_mixers()))
+    except ImportError as err:  # the model package is optional for the capability matrix
+        print(f"mixers: unavailable ({err})")
+    from seqmix.train.tasks import TASKS
+    print("tasks: " + ", ".join(sorted(TASKS)))
+    print()
+    print(capability_markdown())
+    return 0
+
+
+def bench(args: list[str]) -> int:
+    import seqmix
+
+    script = Path(seqmix.__file__).resolve().parents[1] / "experiments" / "bench.py"
+    if not script.is_file():
+        print(f"seqmix bench: error: {script} not found; bench runs from a source checkout of the seqmix "
+              f"repository (git clone, then pip install -e .)", file=sys.stderr)
+        return 2
+    saved_argv = sys.argv
+    sys.argv = [str(script), *args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as stop:
+        code = stop.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from seqmix.train.config import TrainConfig, merge_for_resume, overrides_from_args
+    from seqmix.train.trainer import format_report, load_run_config, prepare, train
+
+    overrides = overrides_from_args(args)
+    try:
+        if args.stop_at is not None and args.stop_at < 1:
+            raise ValueError(f"--stop-at must be >= 1, got {args.stop_at}")
+        if args.resume:
+            if "out" not in overrides:
+                raise ValueError("--resume needs --out RUN_DIR (the run directory to continue)")
+            cfg = merge_for_resume(load_run_config(overrides["out"]), overrides)
+        else:
+            cfg = TrainConfig(**overrides)
+        setup = prepare(cfg, resume=args.resume)
+    except ValueError as err:
+        parser.error(str(err))
+    result = train(setup.cfg, resume=args.resume, stop_at=args.stop_at, setup=setup)
+    print(format_report(result, setup.cfg.task))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":  # everything after "bench" belongs to the script
+        return bench(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return info()
+    if args.command == "train":
+        return run_train(args, args.subparser)
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
