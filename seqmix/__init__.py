@@ -8,4 +8,12 @@ from seqmix import ops
 from seqmix.ops import attention, explain, masks
 
 __version__ = "0.1.0"
-__all__ = ["attention", "explain", "masks", "ops"]
+__all__ = ["attention", "capability_matrix", "explain", "masks", "ops"]
+
+
+def capability_matrix() -> str:
+    """The capability matrix as markdown, with every layer registered (modules, sequence parallelism)."""
+    import seqmix.models  # noqa: F401  (registers the Flax modules and mixers)
+    import seqmix.parallel  # noqa: F401  (registers the sequence-parallel strategies)
+
+    return ops.capability_markdown()

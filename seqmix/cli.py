@@ -54,7 +54,6 @@ def info() -> int:
     import jax
 
     import seqmix
-    from seqmix.ops import capability_markdown
 
     print(f"seqmix {seqmix.__version__} ({Path(seqmix.__file__).parent})")
     print(f"python {platform.python_version()}, jax {jax.__version__}, jaxlib {_version('jaxlib')}, "
@@ -70,7 +69,7 @@ def info() -> int:
     from seqmix.train.tasks import TASKS
     print("tasks: " + ", ".join(sorted(TASKS)))
     print()
-    print(capability_markdown())
+    print(seqmix.capability_matrix())
     return 0
 
 
