@@ -3,8 +3,8 @@
 The number of forced CPU devices is fixed when JAX starts, so every multi-device check runs in a
 worker process (``tests/parallel/sp_worker.py``, 8 devices) that executes a whole suite of cases and
 prints one JSON line per case. Test modules name the suites they read in a module-level ``SP_SUITES``;
-the suites of all collected modules start together on first use (they run side by side), and each
-test looks up its case's record.
+a suite starts on first use and each test looks up its case's record. Run with ``--dist loadfile``
+under pytest-xdist so one worker owns each module's suites.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 1200
 # TPU ahead-of-time compilation needs libtpu (the ``tpu`` extra, or a directory holding the package).
-LIBTPU_PATH = os.environ.get("SEQMIX_LIBTPU_PATH", "/tmp/libtpu_pkg42")
+LIBTPU_PATH = os.environ.get("SEQMIX_LIBTPU_PATH", "")  # optional: a directory holding an unpacked libtpu
 WORKERS = {"tpu_aot": "tests.parallel.tpu_aot_worker"}  # suite -> module; default: sp_worker SUITE
 
 
@@ -38,7 +38,8 @@ class _Suites:
         if name in WORKERS:
             cmd = [sys.executable, "-m", WORKERS[name]]
             env.pop("XLA_FLAGS", None)
-            paths.append(LIBTPU_PATH)
+            if LIBTPU_PATH:
+                paths.append(LIBTPU_PATH)
         else:
             cmd = [sys.executable, "-m", "tests.parallel.sp_worker", name]
         env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -46,10 +47,8 @@ class _Suites:
                                             text=True)
 
     def get(self, name) -> dict:
-        if name not in self.procs:
-            for other in set(self.names) | {name}:  # start every collected suite at once
-                if other not in self.procs:
-                    self._start(other)
+        if name not in self.procs:  # only this suite: under pytest-xdist every worker has its own _Suites
+            self._start(name)
         if name not in self.results:
             proc = self.procs[name]
             try:

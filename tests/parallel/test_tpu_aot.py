@@ -1,8 +1,8 @@
 """Ahead-of-time compilation of ring attention and LASP-2 for a 4-chip TPU v5e topology (DESIGN.md §5, §6).
 
 The worker (``tests/parallel/tpu_aot_worker.py``) runs the TPU compiler on this machine. It needs
-libtpu: set ``SEQMIX_LIBTPU_PATH`` to a directory holding the ``libtpu`` package (default
-``/tmp/libtpu_pkg42``) or install the ``tpu`` extra; the tests skip cleanly otherwise.
+libtpu: install the ``tpu`` extra (or set ``SEQMIX_LIBTPU_PATH`` to a directory holding an unpacked
+``libtpu`` package); the tests skip cleanly otherwise.
 """
 
 import pytest
