@@ -101,10 +101,18 @@ def force(mode: str):
 
 
 def races_found() -> bool:
-    """Whether the TPU interpreter's race detector (mode "tpu_races") has reported a race."""
-    try:  # private module: a test helper only; its location has moved between jax versions
-        from jax._src.pallas.mosaic.interpret import interpret_pallas_call as _ipc
-    except ImportError:  # pragma: no cover
-        return False
-    races = getattr(_ipc, "races", None)
-    return bool(getattr(races, "races_found", False))
+    """Whether the TPU interpreter's race detector (mode "tpu_races") reported a race in the most
+    recently interpreted kernel (jax resets the state per kernel; every race is also printed as
+    "RACE DETECTED", which tests can capture). Reads a private module: a test helper only.
+    """
+    import importlib
+
+    for name in ("jax._src.pallas.mosaic.interpret.interpret_pallas_call",
+                 "jax._src.pallas.mosaic.interpret"):
+        try:
+            races = getattr(importlib.import_module(name), "races", None)
+        except ImportError:  # pragma: no cover
+            continue
+        if races is not None:
+            return bool(getattr(races, "races_found", False))
+    return False

@@ -10,6 +10,7 @@ from seqmix.ops.gla import gla, gla_step
 from seqmix.ops.linear_attention import linear_attention, linear_attention_step, taylor_feature_map
 from seqmix.ops.retention import lightning_decay, retention, retention_step, retnet_decay
 from seqmix.ops.simple_gla import simple_gla, simple_gla_step
+from seqmix.ops import attention_pallas  # noqa: F401,E402  (registers "pallas_tpu" for attention)
 from seqmix.ops import recurrent_pallas  # noqa: F401,E402  (registers "pallas_tpu" for the recurrent families)
 
 __all__ = [

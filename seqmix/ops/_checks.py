@@ -6,8 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def dtype_of(x):
+    """The dtype of an array, a ShapeDtypeStruct (for ahead-of-time lowering) or a Python value."""
+    return x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+
+
 def shape_str(x) -> str:
-    return f"{jnp.asarray(x).dtype}{list(jnp.shape(x))}" if x is not None else "None"
+    return f"{dtype_of(x)}{list(jnp.shape(x))}" if x is not None else "None"
 
 
 def require_rank(name: str, x, rank: int, layout: str) -> None:
@@ -16,7 +21,7 @@ def require_rank(name: str, x, rank: int, layout: str) -> None:
 
 
 def require_float(name: str, x) -> None:
-    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+    if not jnp.issubdtype(dtype_of(x), jnp.floating):
         raise ValueError(f"{name} must be a floating array; got {shape_str(x)}")
 
 
@@ -42,7 +47,7 @@ def require_positive(name: str, x, allow_none: bool = True):
 
 
 def require_same_dtype(**arrays) -> None:
-    dtypes = {n: jnp.asarray(a).dtype for n, a in arrays.items()}
+    dtypes = {n: dtype_of(a) for n, a in arrays.items()}
     if len(set(dtypes.values())) > 1:
         listing = ", ".join(f"{n}={d}" for n, d in dtypes.items())
         raise ValueError(f"inputs must share one dtype; got {listing}")

@@ -4,13 +4,15 @@ The kernels (``pallas_kernels.tpu.flash_attention``) take a kernel layout and sp
 metadata; this module builds both:
 
 1. tiles from :mod:`seqmix.ops.tpu_blocks` for the target TPU generation, clamped to the call
-   (short sequences, GQA groups stacked as ``G·block_q`` rows, a VMEM budget);
+   (short or ragged sequences, GQA groups stacked as ``G·block_q`` rows, a VMEM budget);
 2. positions, segment-relative positions and segment ids padded to block multiples (padded keys get
-   position −1 = invalid) and packed as int32 coordinate rows ``[B, 8, T]``;
-3. EMPTY / PARTIAL / FULL per (q block, kv block) from :func:`seqmix.ops.masks.classify_blocks`
-   (which already folds in segments and padding), compacted into per-block step lists for the
-   forward and dq grids and, transposed, for the dkv grid;
-4. the mask predicate as a plain callable on int32 arrays, evaluated in-kernel on PARTIAL blocks.
+   position −1 = invalid) and packed as int32 coordinate rows;
+3. EMPTY / PARTIAL / FULL per (q block, kv chunk) from :func:`seqmix.ops.masks.classify_blocks`
+   (which already folds in segments and padding); per-block kinds derived from the chunks, compacted
+   into step lists for the forward and dq grids and, transposed, for the dkv grid;
+4. the mask predicate as a plain callable on int32 arrays, evaluated in-kernel on PARTIAL chunks.
+   Masks whose predicate cannot run in a kernel (``Explicit``: a gather from a host matrix) are
+   refused by ``supports`` with the reason, so dispatch falls back to XLA.
 
 Registered as ``Implementation("pallas_tpu", platforms=("tpu",), rank=10)``. On CPU the same code runs
 in Pallas interpret mode when named explicitly (``impl="pallas_tpu"``): that is how it is tested.
@@ -131,11 +133,22 @@ class _Plan:
     padded_kv: int
 
 
-def _fit_kv(length: int, block: int, chunk: int, align: int) -> tuple[int, int]:
-    block = min(block, _round_up(length, align))
+def _fit_length(length: int, block: int, align: int, max_pad: float) -> int:
+    """One block if the (aligned) length fits in it; else halve ``block`` (keeping multiples of
+    ``align``) while padding ``length`` to it would waste more than ``max_pad`` of the work."""
+    if _round_up(length, align) <= block:
+        return _round_up(length, align)
+    while (block // 2 >= align and (block // 2) % align == 0
+           and _round_up(length, block) - length > max_pad * length):
+        block //= 2
+    return block
+
+
+def _fit_kv(length: int, block: int, chunk: int, align: int, max_pad: float) -> tuple[int, int]:
+    block = _fit_length(length, block, align, max_pad)
     if block <= chunk:
         return block, block
-    return block, chunk if block % chunk == 0 else math.gcd(block, chunk)
+    return block, math.gcd(block, chunk)
 
 
 def _vmem_estimate(tiles: fa.FlashTiles, g: int, d: int, dv: int, itemsize: int) -> int:
@@ -155,8 +168,7 @@ def _vmem_estimate(tiles: fa.FlashTiles, g: int, d: int, dv: int, itemsize: int)
 
 def plan(call: AttentionCall) -> _Plan:
     """Tiles for this call on the current target. Raises NotImplementedError if none fit."""
-    blocks = tpu_blocks.flash_blocks()
-    gen = "pinned" if getattr(tpu_blocks._state, "pinned", None) is not None else tpu_blocks.generation()
+    gen, blocks = tpu_blocks.current()
     t = blocks.tiles
     b, tq, hq, d = call.q.shape
     s, hkv = call.k.shape[1], call.k.shape[2]
@@ -167,17 +179,17 @@ def plan(call: AttentionCall) -> _Plan:
     def fit_q(bq):
         while g * bq > blocks.max_rows and bq // 2 >= qa and (bq // 2) % qa == 0:
             bq //= 2
-        return min(bq, _round_up(tq, qa))
+        return _fit_length(tq, bq, qa, blocks.max_pad)
 
     bq, bq_b = fit_q(t.block_q), fit_q(t.block_q_bwd)
-    bkv, bkc = _fit_kv(s, t.block_kv, t.block_kv_compute, ka)
-    bkv_b, bkc_b = _fit_kv(s, t.block_kv_bwd, t.block_kv_compute_bwd, ka)
+    bkv, bkc = _fit_kv(s, t.block_kv, t.block_kv_compute, ka, blocks.max_pad)
+    bkv_b, bkc_b = _fit_kv(s, t.block_kv_bwd, t.block_kv_compute_bwd, ka, blocks.max_pad)
     tiles = fa.FlashTiles(bq, bkv, bkc, bq_b, bkv_b, bkc_b)
     limit = blocks.vmem_limit_bytes
     budget = int(0.75 * (limit or _DEFAULT_SCOPED_VMEM))
     itemsize = jnp.dtype(call.q.dtype).itemsize
     while _vmem_estimate(tiles, g, d, dv, itemsize) > budget:
-        # Halve the largest shrinkable tile: score chunks first, then q rows, then kv blocks.
+        # Halve the largest tile that can shrink (large D or G, fp32).
         cands = [("block_kv_compute", ka), ("block_kv_compute_bwd", ka), ("block_q", qa),
                  ("block_q_bwd", qa), ("block_kv", ka), ("block_kv_bwd", ka)]
         changed = False
@@ -185,14 +197,19 @@ def plan(call: AttentionCall) -> _Plan:
             val = getattr(tiles, name)
             if val // 2 >= align and (val // 2) % align == 0:
                 new = dataclasses.replace(tiles, **{name: val // 2})
-                if new.block_kv % new.block_kv_compute == 0 and new.block_kv_bwd % new.block_kv_compute_bwd == 0:
+                if (new.block_kv % new.block_kv_compute == 0
+                        and new.block_kv_bwd % new.block_kv_compute_bwd == 0):
                     tiles, changed = new, True
                     break
         if not changed:
             raise NotImplementedError(
                 f"no tiles fit {budget >> 20} MiB of VMEM for G={g}, head_dim={d}, v_head_dim={dv}")
-    tp = _round_up(tq, math.lcm(tiles.block_q, tiles.block_q_bwd))
-    sp = _round_up(s, math.lcm(tiles.block_kv, tiles.block_kv_bwd))
+    # Pad once for both passes: to the larger block; the smaller one must divide the padded length.
+    tp = _round_up(tq, max(tiles.block_q, tiles.block_q_bwd))
+    sp = _round_up(s, max(tiles.block_kv, tiles.block_kv_bwd))
+    bkv, bkv_b = math.gcd(tiles.block_kv, sp), math.gcd(tiles.block_kv_bwd, sp)
+    tiles = fa.FlashTiles(math.gcd(tiles.block_q, tp), bkv, math.gcd(tiles.block_kv_compute, bkv),
+                          math.gcd(tiles.block_q_bwd, tp), bkv_b, math.gcd(tiles.block_kv_compute_bwd, bkv_b))
     return _Plan(tiles, gen, limit, tp, sp)
 
 
@@ -262,8 +279,10 @@ def _metadata(call: AttentionCall, p: _Plan):
     chunks_f, cls_f = classify(t.block_q, t.block_kv, t.block_kv_compute)
     chunks_b, cls_b = classify(t.block_q_bwd, t.block_kv_bwd, t.block_kv_compute_bwd)
     kv_coords = _coords(kv_pos, kv_rel, kv_seg, b, sp)
-    meta = ((step_lists(cls_f), chunks_f, _chunk_major(kv_coords, t.block_kv_compute)),
-            (step_lists(cls_b), step_lists(cls_b.T), chunks_b, _chunk_major(kv_coords, t.block_kv_compute_bwd)))
+    fwd = (step_lists(cls_f), chunks_f, _chunk_major(kv_coords, t.block_kv_compute))
+    bwd = (step_lists(cls_b), step_lists(cls_b.T), chunks_b,
+           _chunk_major(kv_coords, t.block_kv_compute_bwd))
+    meta = (fwd, bwd)
     return meta, _coords(q_pos, q_rel, q_seg, b, tp)
 
 
@@ -291,12 +310,19 @@ def default_density(mask, tq: int, s: int, bq: int, bkc: int, tp: int, sp: int) 
 # ----------------------------------------------------------------------------- implementation
 
 
+def _fp32_highest() -> bool:
+    """Whether fp32 matmuls should be exact: ``jax_default_matmul_precision`` is highest / float32
+    (FAMILIES.md §5.1 rule 8; seqmix's tests set it). Mosaic's own default uses fewer passes."""
+    prec = jax.config.jax_default_matmul_precision
+    return prec is not None and str(prec).lower().rsplit(".", 1)[-1] in {"highest", "float32"}
+
+
 def _config(call: AttentionCall, p: _Plan) -> fa.FlashConfig:
     mask_fn = None if isinstance(call.mask, masks_lib.Full) else _MaskPredicate(call.mask)
     return fa.FlashConfig(scale=float(call.scale), soft_cap=call.soft_cap, mask_fn=mask_fn,
                           has_segments=call.q_seg is not None, has_sinks=call.sink_logits is not None,
                           tiles=p.tiles, vmem_limit_bytes=p.vmem_limit_bytes,
-                          interpret=interpret_params(),
+                          interpret=interpret_params(), fp32_highest=_fp32_highest(),
                           density=default_density(call.mask, call.q.shape[1], call.k.shape[1],
                                                   p.tiles.block_q, p.tiles.block_kv_compute,
                                                   p.padded_q, p.padded_kv))

@@ -29,8 +29,11 @@ class FlashBlocks:
 
     ``tiles.block_q`` is per query head; the forward and dq kernels stack the G heads of a GQA group,
     so ``block_q`` shrinks (to a multiple of ``q_align``, never below it) until
-    ``G·block_q ≤ max_rows``. ``vmem_limit_bytes`` is passed to Mosaic (the default scoped limit is
-    16 MiB on v5e/v5p and 32 MiB on v6e, below what the larger tiles need).
+    ``G·block_q ≤ max_rows``; a block also halves while padding the sequence to it would waste more
+    than ``max_pad`` of the work (one block when the whole sequence fits). ``vmem_limit_bytes`` is
+    passed to Mosaic (the default scoped limit is 16 MiB on v5e/v5p and 32 MiB on v6e, below what
+    the larger tiles need). The glue then halves tiles further if its VMEM estimate exceeds 3/4
+    of the limit (large head dims, fp32, large G).
     """
 
     tiles: FlashTiles
@@ -38,6 +41,7 @@ class FlashBlocks:
     vmem_limit_bytes: int | None
     q_align: int = 128  # lse rows are lane-dense: block_q must be a multiple of 128 on a real TPU
     kv_align: int = 128
+    max_pad: float = 0.125  # blocks halve while padding a length to them wastes more than this
 
 
 # Why each choice (D = 128, bf16; reasoned, not yet measured on hardware):
@@ -74,7 +78,7 @@ TABLE: dict[str, FlashBlocks] = {
     # Interpret mode on CPU: many small blocks, two chunks per kv block, so that a short test
     # crosses block and chunk boundaries; no lane alignment is needed there.
     "interpret": FlashBlocks(FlashTiles(32, 64, 32, 32, 64, 32), max_rows=256,
-                             vmem_limit_bytes=None, q_align=8, kv_align=8),
+                             vmem_limit_bytes=None, q_align=8, kv_align=8, max_pad=1.0),
 }
 
 _KINDS = {
@@ -97,12 +101,18 @@ def generation(device_kind: str | None = None) -> str:
     return _KINDS.get(device_kind, "default")
 
 
-def flash_blocks(device_kind: str | None = None) -> FlashBlocks:
-    """The tiles for the current target (or ``device_kind``); :func:`pinned` overrides."""
+def current(device_kind: str | None = None) -> tuple[str, FlashBlocks]:
+    """(table key or ``"pinned"``, tiles) for the current target (or ``device_kind``)."""
     pin = getattr(_state, "pinned", None)
     if pin is not None:
-        return pin
-    return TABLE[generation(device_kind)]
+        return "pinned", pin
+    key = generation(device_kind)
+    return key, TABLE[key]
+
+
+def flash_blocks(device_kind: str | None = None) -> FlashBlocks:
+    """The tiles for the current target (or ``device_kind``); :func:`pinned` overrides."""
+    return current(device_kind)[1]
 
 
 @contextlib.contextmanager
