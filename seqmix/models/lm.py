@@ -133,17 +133,28 @@ class LMConfig:
 
 class LM(nnx.Module):
     """Decoder-only LM over :class:`LMConfig`: token embedding, ``num_layers`` pre-norm blocks (mixer +
-    SwiGLU), final RMSNorm, logits by the tied embedding (or a separate head)."""
+    SwiGLU), final RMSNorm, logits by the tied embedding (or a separate head).
 
-    def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
+    ``sequence_parallel`` (a :class:`seqmix.parallel.SequenceParallel`, or None) is passed to every
+    mixer: the parallel form then runs each mixer's op sequence-parallel over the mesh (LASP-2H by
+    default), on global arrays, with the same parameters and results. It is not part of ``config``
+    (a mesh is not serializable); decoding and ``generate`` stay single-device."""
+
+    def __init__(self, config: LMConfig, *, rngs: nnx.Rngs, sequence_parallel=None):
         if not isinstance(config, LMConfig):
             raise ValueError(f"LM: config must be an LMConfig; got {type(config).__name__}")
+        if sequence_parallel is not None:
+            from seqmix.parallel.config import check_sequence_parallel
+
+            check_sequence_parallel(sequence_parallel, "LM")
         self.config = config
+        self.sequence_parallel = sequence_parallel
         dtype, pdtype = config.compute_dtype, config.parameter_dtype
         self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype, param_dtype=pdtype,
                                embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
         self.blocks = nnx.List([
-            Block(mixers_lib.build_mixer(config, name, arg, rngs=rngs), config.d_model, config.mlp_dim,
+            Block(mixers_lib.build_mixer(config, name, arg, rngs=rngs, sequence_parallel=sequence_parallel),
+                  config.d_model, config.mlp_dim,
                   dtype=dtype, param_dtype=pdtype, rngs=rngs)
             for name, arg in config.mixer_specs])
         self.norm = RMSNorm(config.d_model, dtype=dtype, param_dtype=pdtype)

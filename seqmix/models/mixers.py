@@ -13,6 +13,11 @@ a module with
 * ``decode(x [B, T_new, d_model], cache, *, segment_ids=None) -> (y [B, T_new, d_model], cache)``,
   whose outputs equal the parallel form's rows for those tokens.
 
+Sequence parallelism: a factory that also accepts ``sequence_parallel=`` (a
+:class:`seqmix.parallel.SequenceParallel`) builds its module sequence-parallel; ``build_mixer`` passes
+the keyword only when it is set, so factories written for the plain protocol keep working (and say so
+clearly if asked for sequence parallelism).
+
 Built in: ``attn`` (causal softmax), ``swa:W`` (sliding window of W keys), ``chunk:C`` (chunked causal,
 chunks of C), ``stream:W`` (StreamingLLM: window of W keys plus 4 sink tokens). Other families register
 themselves with :func:`register_mixer` when their module is imported; a config naming them needs that
@@ -22,6 +27,7 @@ import first.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import TYPE_CHECKING, Callable
 
 from flax import nnx
@@ -103,22 +109,39 @@ def parse_mixers(spec: str) -> list[tuple[str, str | None]]:
     return out
 
 
-def build_mixer(config: "LMConfig", name: str, arg: str | None, *, rngs: nnx.Rngs) -> nnx.Module:
-    """The module for one parsed spec entry."""
+def accepts_sequence_parallel(factory: Factory) -> bool:
+    """Whether ``factory`` takes a ``sequence_parallel`` keyword (or ``**kwargs``)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+    return any(p.name == "sequence_parallel" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def build_mixer(config: "LMConfig", name: str, arg: str | None, *, rngs: nnx.Rngs,
+                sequence_parallel=None) -> nnx.Module:
+    """The module for one parsed spec entry (sequence-parallel when ``sequence_parallel`` is set)."""
     if name not in MIXERS:
         raise ValueError(f"unknown mixer {name!r}; registered: {registered_mixers()}")
     MIXERS[name].check_arg(name, arg)
-    return MIXERS[name].factory(config, arg, rngs=rngs)
+    factory = MIXERS[name].factory
+    if sequence_parallel is None:
+        return factory(config, arg, rngs=rngs)
+    if not accepts_sequence_parallel(factory):
+        raise ValueError(f"mixer {name!r} does not support sequence parallelism (its factory takes no "
+                         f"sequence_parallel keyword)")
+    return factory(config, arg, rngs=rngs, sequence_parallel=sequence_parallel)
 
 
 # ----------------------------------------------------------------------------- softmax attention
 
 
 def _attention_factory(make_mask: Callable[[str | None], masks_lib.Mask]) -> Factory:
-    def factory(config: "LMConfig", arg: str | None, *, rngs: nnx.Rngs) -> Attention:
+    def factory(config: "LMConfig", arg: str | None, *, rngs: nnx.Rngs, sequence_parallel=None) -> Attention:
         return Attention(config.d_model, config.num_heads, num_kv_heads=config.num_kv_heads,
                          mask=make_mask(arg), rope=True, rope_theta=config.rope_theta,
-                         dtype=config.compute_dtype, param_dtype=config.parameter_dtype, rngs=rngs)
+                         dtype=config.compute_dtype, param_dtype=config.parameter_dtype,
+                         sequence_parallel=sequence_parallel, rngs=rngs)
     return factory
 
 

@@ -3,7 +3,8 @@
 Names: ``linear`` (``linear:MAP`` with MAP one of elu (default), identity, relu, taylor, hedgehog),
 ``hedgehog``, ``retnet``, ``gla``, ``simple_gla``, ``deltanet``, ``gdn``, ``based`` (``based:W`` sets the
 sliding window, default 64). Each uses ``config.d_model``, ``config.num_heads``, the config's dtypes
-(and ``config.rope_theta`` where RoPE is used).
+(and ``config.rope_theta`` where RoPE is used); each factory takes ``sequence_parallel=`` (see
+``seqmix.models.mixers``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from seqmix.models.lm import LMConfig
 
 
-def _dtypes(config: "LMConfig") -> dict:
-    return dict(dtype=config.compute_dtype, param_dtype=config.parameter_dtype)
+def _dtypes(config: "LMConfig", sequence_parallel=None) -> dict:
+    return dict(dtype=config.compute_dtype, param_dtype=config.parameter_dtype,
+                sequence_parallel=sequence_parallel)
 
 
 def _feature_map_arg(name: str, arg: str | None) -> None:
@@ -35,40 +37,41 @@ def _optional_int_arg(name: str, arg: str | None) -> None:
         int_arg(name, arg)
 
 
-def _linear(config, arg, *, rngs: nnx.Rngs):
-    return layers.LinearAttention(config.d_model, config.num_heads, feature_map=arg or "elu", **_dtypes(config),
-                                  rngs=rngs)
+def _linear(config, arg, *, rngs: nnx.Rngs, sequence_parallel=None):
+    return layers.LinearAttention(config.d_model, config.num_heads, feature_map=arg or "elu",
+                                  **_dtypes(config, sequence_parallel), rngs=rngs)
 
 
-def _hedgehog(config, arg, *, rngs: nnx.Rngs):
-    return layers.LinearAttention(config.d_model, config.num_heads, feature_map="hedgehog", **_dtypes(config),
-                                  rngs=rngs)
+def _hedgehog(config, arg, *, rngs: nnx.Rngs, sequence_parallel=None):
+    return layers.LinearAttention(config.d_model, config.num_heads, feature_map="hedgehog",
+                                  **_dtypes(config, sequence_parallel), rngs=rngs)
 
 
-def _retnet(config, arg, *, rngs: nnx.Rngs):
-    return layers.Retention(config.d_model, config.num_heads, rope_theta=config.rope_theta, **_dtypes(config),
-                            rngs=rngs)
+def _retnet(config, arg, *, rngs: nnx.Rngs, sequence_parallel=None):
+    return layers.Retention(config.d_model, config.num_heads, rope_theta=config.rope_theta,
+                            **_dtypes(config, sequence_parallel), rngs=rngs)
 
 
-def _gla(config, arg, *, rngs: nnx.Rngs):
-    return layers.GatedLinearAttention(config.d_model, config.num_heads, **_dtypes(config), rngs=rngs)
+def _gla(config, arg, *, rngs: nnx.Rngs, sequence_parallel=None):
+    return layers.GatedLinearAttention(config.d_model, config.num_heads, **_dtypes(config, sequence_parallel),
+                                       rngs=rngs)
 
 
-def _simple_gla(config, arg, *, rngs: nnx.Rngs):
-    return layers.SimpleGLA(config.d_model, config.num_heads, **_dtypes(config), rngs=rngs)
+def _simple_gla(config, arg, *, rngs: nnx.Rngs, sequence_parallel=None):
+    return layers.SimpleGLA(config.d_model, config.num_heads, **_dtypes(config, sequence_parallel), rngs=rngs)
 
 
-def _deltanet(config, arg, *, rngs: nnx.Rngs):
-    return layers.DeltaNet(config.d_model, config.num_heads, **_dtypes(config), rngs=rngs)
+def _deltanet(config, arg, *, rngs: nnx.Rngs, sequence_parallel=None):
+    return layers.DeltaNet(config.d_model, config.num_heads, **_dtypes(config, sequence_parallel), rngs=rngs)
 
 
-def _gdn(config, arg, *, rngs: nnx.Rngs):
-    return layers.GatedDeltaNet(config.d_model, config.num_heads, **_dtypes(config), rngs=rngs)
+def _gdn(config, arg, *, rngs: nnx.Rngs, sequence_parallel=None):
+    return layers.GatedDeltaNet(config.d_model, config.num_heads, **_dtypes(config, sequence_parallel), rngs=rngs)
 
 
-def _based(config, arg, *, rngs: nnx.Rngs):
+def _based(config, arg, *, rngs: nnx.Rngs, sequence_parallel=None):
     return layers.Based(config.d_model, config.num_heads, window=int(arg) if arg else 64,
-                        rope_theta=config.rope_theta, **_dtypes(config), rngs=rngs)
+                        rope_theta=config.rope_theta, **_dtypes(config, sequence_parallel), rngs=rngs)
 
 
 _ENTRIES = (

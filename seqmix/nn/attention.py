@@ -23,6 +23,14 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
+def _check_sp(value, owner: str):
+    if value is None:
+        return None
+    from seqmix.parallel.config import check_sequence_parallel
+
+    return check_sequence_parallel(value, owner)
+
+
 class Attention(nnx.Module):
     """Softmax self-attention layer (FAMILIES.md §2.1).
 
@@ -40,13 +48,16 @@ class Attention(nnx.Module):
       use_bias: biases on the projections.
       dtype: compute dtype (projections, attention, output); param_dtype: parameter dtype.
       impl: implementation request passed to the op (None = automatic).
+      sequence_parallel: a :class:`seqmix.parallel.SequenceParallel` (or None): the parallel form runs
+        the softmax strategy it names over its mesh on global arrays (positions stay global, so RoPE
+        and the mask are unchanged); decoding stays single-device.
     """
 
     def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None,
                  head_dim: int | None = None, mask: masks_lib.Mask | None = None, rope: bool = True,
                  rope_theta: float = 10000.0, qk_norm: bool = False, sink_logits: bool = False,
                  soft_cap: float | None = None, use_bias: bool = False, dtype=jnp.float32,
-                 param_dtype=jnp.float32, impl=None, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, impl=None, sequence_parallel=None, rngs: nnx.Rngs):
         d_model = _positive_int("d_model", d_model)
         num_heads = _positive_int("num_heads", num_heads)
         num_kv_heads = num_heads if num_kv_heads is None else _positive_int("num_kv_heads", num_kv_heads)
@@ -73,6 +84,7 @@ class Attention(nnx.Module):
         self.mask, self.rope, self.rope_theta = mask, bool(rope), float(rope_theta)
         self.soft_cap = None if soft_cap is None else float(soft_cap)
         self.dtype, self.impl = dtype, impl
+        self.sequence_parallel = _check_sp(sequence_parallel, "Attention")
         kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = nnx.Linear(d_model, num_heads * head_dim, **kw)
         self.k_proj = nnx.Linear(d_model, num_kv_heads * head_dim, **kw)
@@ -129,8 +141,12 @@ class Attention(nnx.Module):
                              f"{positions.dtype}{list(positions.shape)}")
         positions = positions.astype(jnp.int32)
         q, k, v = self._project(x, positions)
-        o = ops.attention(q, k, v, segment_ids=segment_ids, q_positions=positions, kv_positions=positions,
-                          **self._op_kwargs())
+        if self.sequence_parallel is not None:
+            o = self.sequence_parallel.attention(q, k, v, positions=positions, segment_ids=segment_ids,
+                                                 **self._op_kwargs())
+        else:
+            o = ops.attention(q, k, v, segment_ids=segment_ids, q_positions=positions, kv_positions=positions,
+                              **self._op_kwargs())
         return self._out(o)
 
     # ------------------------------------------------------------------ decoding

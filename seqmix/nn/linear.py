@@ -18,7 +18,9 @@ feature maps), :class:`Retention` (RetNet), :class:`GatedLinearAttention` (GLA),
 
 Common arguments: ``dtype`` (compute dtype of projections, op inputs and output; gates, norms'
 statistics and recurrent states are fp32), ``param_dtype``, ``impl`` (the op's implementation request),
-``chunk_size`` (the op's chunk length), ``rngs``.
+``chunk_size`` (the op's chunk length), ``sequence_parallel`` (a :class:`seqmix.parallel.SequenceParallel`
+or None: the parallel form runs the op by its ``recurrent_strategy``, LASP-2 by default, over the mesh on
+global arrays; projections, convolutions and gates stay global; decoding stays single-device), ``rngs``.
 """
 
 from __future__ import annotations
@@ -125,6 +127,14 @@ def _check_segments(owner: str, segment_ids, b: int, t: int):
     return seg.astype(jnp.int32)
 
 
+def _check_sp(value, owner: str):
+    if value is None:
+        return None
+    from seqmix.parallel.config import check_sequence_parallel
+
+    return check_sequence_parallel(value, owner)
+
+
 _STEP_NAMES = {"g": "g_t", "beta": "beta_t"}
 
 
@@ -139,6 +149,7 @@ class _RecurrentLayer(nnx.Module):
 
     _op: Callable = None
     _step: Callable = None
+    _family: str = ""  # the op's registry family (for sequence parallelism)
     _convs: tuple[str, ...] = ()  # attribute names of the ShortConv modules, in cache order
 
     # ---------------------------------------------------------------- to override
@@ -156,8 +167,10 @@ class _RecurrentLayer(nnx.Module):
         return self.key_dim, self.head_dim
 
     # ---------------------------------------------------------------- shared
-    def _common_init(self, d_model, num_heads, head_dim, key_dim, *, dtype, impl, chunk_size):
+    def _common_init(self, d_model, num_heads, head_dim, key_dim, *, dtype, impl, chunk_size,
+                     sequence_parallel=None):
         name = type(self).__name__
+        self.sequence_parallel = _check_sp(sequence_parallel, name)
         self.d_model = _positive_int(name, "d_model", d_model)
         self.num_heads = _positive_int(name, "num_heads", num_heads)
         self.head_dim = _head_dim(name, d_model, num_heads, head_dim)
@@ -186,8 +199,19 @@ class _RecurrentLayer(nnx.Module):
         positions = _check_positions(type(self).__name__, positions, b, t)
         segment_ids = _check_segments(type(self).__name__, segment_ids, b, t)
         q, k, v, per_token, _ = self._features(x, positions, segment_ids, None)
-        o = type(self)._op(q, k, v, **per_token, **self._static(), segment_ids=segment_ids,
-                           chunk_size=self.chunk_size, impl=self.impl)
+        if self.sequence_parallel is not None:
+            from seqmix.parallel.lasp import SPECS
+
+            spec = SPECS[self._family]
+            if set(per_token) != set(spec.args):
+                raise ValueError(f"{type(self).__name__}: per-token arrays {sorted(per_token)} do not match the "
+                                 f"{self._family} op's {list(spec.args)}")
+            o = self.sequence_parallel.recurrent(self._family, q, k, v, *(per_token[a] for a in spec.args),
+                                                 **self._static(), segment_ids=segment_ids,
+                                                 chunk_size=self.chunk_size, impl=self.impl)
+        else:
+            o = type(self)._op(q, k, v, **per_token, **self._static(), segment_ids=segment_ids,
+                               chunk_size=self.chunk_size, impl=self.impl)
         return self._output(o, x)
 
     def init_cache(self, batch: int, max_len: int | None = None) -> RecurrentCache:
@@ -272,18 +296,21 @@ class LinearAttention(_RecurrentLayer):
     """
 
     _op = staticmethod(linear_attention)
+    _family = "linear_attention"
     _step = staticmethod(linear_attention_step)
 
     def __init__(self, d_model: int, num_heads: int, *, feature_map: str = "elu", normalize: bool | None = None,
                  output_norm: bool | None = None, head_dim: int | None = None, key_dim: int | None = None,
                  eps: float = 1e-6, use_bias: bool = False, chunk_size: int = 64, dtype=jnp.float32,
-                 param_dtype=jnp.float32, impl=None, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, impl=None,
+                 sequence_parallel=None, rngs: nnx.Rngs):
         if not isinstance(feature_map, str) or feature_map not in FEATURE_MAP_NAMES:
             raise ValueError(f"LinearAttention: feature_map must be one of {list(FEATURE_MAP_NAMES)}; got "
                              f"{feature_map!r}")
         if key_dim is None and feature_map == "taylor":
             key_dim = 16
-        self._common_init(d_model, num_heads, head_dim, key_dim, dtype=dtype, impl=impl, chunk_size=chunk_size)
+        self._common_init(d_model, num_heads, head_dim, key_dim, dtype=dtype, impl=impl, chunk_size=chunk_size,
+                          sequence_parallel=sequence_parallel)
         if normalize is None:
             normalize = feature_map in ("elu", "taylor", "hedgehog")
         if not isinstance(normalize, bool):
@@ -362,12 +389,15 @@ class Retention(_RecurrentLayer):
     """
 
     _op = staticmethod(retention)
+    _family = "retention"
     _step = staticmethod(retention_step)
 
     def __init__(self, d_model: int, num_heads: int, *, head_dim: int | None = None, rope_theta: float = 10000.0,
                  use_bias: bool = False, chunk_size: int = 64, dtype=jnp.float32, param_dtype=jnp.float32,
-                 impl=None, rngs: nnx.Rngs):
-        self._common_init(d_model, num_heads, head_dim, None, dtype=dtype, impl=impl, chunk_size=chunk_size)
+                 impl=None, sequence_parallel=None,
+                 rngs: nnx.Rngs):
+        self._common_init(d_model, num_heads, head_dim, None, dtype=dtype, impl=impl, chunk_size=chunk_size,
+                          sequence_parallel=sequence_parallel)
         if self.head_dim % 2:
             raise ValueError(f"Retention: RoPE needs an even head_dim; got head_dim={self.head_dim}")
         if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not rope_theta > 0:
@@ -408,13 +438,16 @@ class GatedLinearAttention(_RecurrentLayer):
     """
 
     _op = staticmethod(gla)
+    _family = "gla"
     _step = staticmethod(gla_step)
 
     def __init__(self, d_model: int, num_heads: int, *, gate_low_rank: int = 16,
                  gate_logit_normalizer: float = 16.0, head_dim: int | None = None, key_dim: int | None = None,
                  use_bias: bool = False, chunk_size: int = 64, dtype=jnp.float32, param_dtype=jnp.float32,
-                 impl=None, rngs: nnx.Rngs):
-        self._common_init(d_model, num_heads, head_dim, key_dim, dtype=dtype, impl=impl, chunk_size=chunk_size)
+                 impl=None, sequence_parallel=None,
+                 rngs: nnx.Rngs):
+        self._common_init(d_model, num_heads, head_dim, key_dim, dtype=dtype, impl=impl, chunk_size=chunk_size,
+                          sequence_parallel=sequence_parallel)
         gate_low_rank = _positive_int("GatedLinearAttention", "gate_low_rank", gate_low_rank)
         if (isinstance(gate_logit_normalizer, bool) or not isinstance(gate_logit_normalizer, (int, float))
                 or not gate_logit_normalizer > 0):
@@ -455,12 +488,15 @@ class SimpleGLA(_RecurrentLayer):
     """
 
     _op = staticmethod(simple_gla)
+    _family = "simple_gla"
     _step = staticmethod(simple_gla_step)
 
     def __init__(self, d_model: int, num_heads: int, *, head_dim: int | None = None, key_dim: int | None = None,
                  use_bias: bool = False, chunk_size: int = 64, dtype=jnp.float32, param_dtype=jnp.float32,
-                 impl=None, rngs: nnx.Rngs):
-        self._common_init(d_model, num_heads, head_dim, key_dim, dtype=dtype, impl=impl, chunk_size=chunk_size)
+                 impl=None, sequence_parallel=None,
+                 rngs: nnx.Rngs):
+        self._common_init(d_model, num_heads, head_dim, key_dim, dtype=dtype, impl=impl, chunk_size=chunk_size,
+                          sequence_parallel=sequence_parallel)
         h, dk, dv = self.num_heads, self.key_dim, self.head_dim
         kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = nnx.Linear(d_model, h * dk, **kw)
@@ -497,15 +533,18 @@ class DeltaNet(_RecurrentLayer):
     """
 
     _op = staticmethod(delta_rule)
+    _family = "delta_rule"
     _step = staticmethod(delta_rule_step)
     _convs = ("q_conv", "k_conv", "v_conv")
     _gated = False
 
     def __init__(self, d_model: int, num_heads: int, *, conv_size: int = 4, allow_neg_eigval: bool = False,
                  head_dim: int | None = None, key_dim: int | None = None, use_bias: bool = False,
-                 chunk_size: int = 64, dtype=jnp.float32, param_dtype=jnp.float32, impl=None, rngs: nnx.Rngs):
+                 chunk_size: int = 64, dtype=jnp.float32, param_dtype=jnp.float32, impl=None,
+                 sequence_parallel=None, rngs: nnx.Rngs):
         name = type(self).__name__
-        self._common_init(d_model, num_heads, head_dim, key_dim, dtype=dtype, impl=impl, chunk_size=chunk_size)
+        self._common_init(d_model, num_heads, head_dim, key_dim, dtype=dtype, impl=impl, chunk_size=chunk_size,
+                          sequence_parallel=sequence_parallel)
         conv_size = _positive_int(name, "conv_size", conv_size)
         if not isinstance(allow_neg_eigval, bool):
             raise ValueError(f"{name}: allow_neg_eigval must be a bool; got {allow_neg_eigval!r}")
@@ -551,6 +590,7 @@ class GatedDeltaNet(DeltaNet):
     ``S_t = exp(g_t)(I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ``. Arguments as :class:`DeltaNet`."""
 
     _op = staticmethod(gated_delta_rule)
+    _family = "gated_delta_rule"
     _step = staticmethod(gated_delta_rule_step)
     _gated = True
 
@@ -572,12 +612,14 @@ class _TaylorBranch(_RecurrentLayer):
     causal conv (no activation); normalized Taylor linear attention; ``W_o``."""
 
     _op = staticmethod(linear_attention)
+    _family = "linear_attention"
     _step = staticmethod(linear_attention_step)
     _convs = ("q_conv", "k_conv", "v_conv")
 
     def __init__(self, d_model, num_heads, *, feature_dim, head_dim, conv_size, eps, chunk_size, dtype,
-                 param_dtype, impl, rngs):
-        self._common_init(d_model, num_heads, head_dim, feature_dim, dtype=dtype, impl=impl, chunk_size=chunk_size)
+                 param_dtype, impl, sequence_parallel=None, rngs):
+        self._common_init(d_model, num_heads, head_dim, feature_dim, dtype=dtype, impl=impl, chunk_size=chunk_size,
+                          sequence_parallel=sequence_parallel)
         self.eps = eps
         h, dk, dv = self.num_heads, self.key_dim, self.head_dim
         kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -624,7 +666,8 @@ class Based(nnx.Module):
 
     Args: d_model, num_heads, feature_dim (16), window (64), conv_size (4), head_dim (``Dv``, default
     ``d_model // num_heads``; even, for RoPE), eps, rope_theta, chunk_size, dtype, param_dtype, impl (the
-    linear op's), rngs.
+    linear op's), sequence_parallel (both branches: LASP for the Taylor branch, the softmax strategy for the
+    window), rngs.
 
     Decoding: :class:`BasedCache` (a recurrent state of ``[B, H, 153, Dv + 1]`` and a ring of ``window``
     keys).
@@ -632,7 +675,8 @@ class Based(nnx.Module):
 
     def __init__(self, d_model: int, num_heads: int, *, feature_dim: int = 16, window: int = 64,
                  conv_size: int = 4, head_dim: int | None = None, eps: float = 1e-6, rope_theta: float = 10000.0,
-                 chunk_size: int = 64, dtype=jnp.float32, param_dtype=jnp.float32, impl=None, rngs: nnx.Rngs):
+                 chunk_size: int = 64, dtype=jnp.float32, param_dtype=jnp.float32, impl=None,
+                 sequence_parallel=None, rngs: nnx.Rngs):
         d_model = _positive_int("Based", "d_model", d_model)
         num_heads = _positive_int("Based", "num_heads", num_heads)
         head_dim = _head_dim("Based", d_model, num_heads, head_dim)
@@ -647,10 +691,11 @@ class Based(nnx.Module):
         self.feature_dim, self.window = feature_dim, window
         self.linear = _TaylorBranch(d_model, num_heads, feature_dim=feature_dim, head_dim=head_dim,
                                     conv_size=conv_size, eps=float(eps), chunk_size=chunk_size, dtype=dtype,
-                                    param_dtype=param_dtype, impl=impl, rngs=rngs)
+                                    param_dtype=param_dtype, impl=impl, sequence_parallel=sequence_parallel,
+                                    rngs=rngs)
         self.window_attn = Attention(d_model, num_heads, head_dim=head_dim, mask=masks_lib.LocalWindow(window),
                                      rope=True, rope_theta=rope_theta, dtype=dtype, param_dtype=param_dtype,
-                                     rngs=rngs)
+                                     sequence_parallel=sequence_parallel, rngs=rngs)
 
     def __call__(self, x, *, positions=None, segment_ids=None):
         """x ``[B, T, d_model]``; positions int ``[T]``; segment_ids int ``[B, T]`` or None -> ``[B, T, d_model]``."""

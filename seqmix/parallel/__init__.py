@@ -224,8 +224,11 @@ def sequence_parallel_recurrent(family: str, q, k, v, *args, mesh, axis: str = "
     return jax.shard_map(local, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs, check_vma=False)(*inputs)
 
 
+from seqmix.parallel.config import SequenceParallel  # noqa: E402  (needs the wrappers above)
+
 __all__ = [
-    "AXES", "RECURRENT_STRATEGIES", "SOFTMAX_STRATEGIES", "allgather_attention", "inverse_permutation", "lasp1",
+    "AXES", "RECURRENT_STRATEGIES", "SOFTMAX_STRATEGIES", "SequenceParallel", "allgather_attention",
+    "inverse_permutation", "lasp1",
     "lasp2", "lasp2h", "layout", "make_mesh", "mesh", "permute", "permute_inputs", "ring_attention",
     "sequence_parallel_attention", "sequence_parallel_recurrent", "striped_permutation", "ulysses_attention",
     "unpermute", "zigzag_permutation",

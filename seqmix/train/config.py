@@ -16,10 +16,12 @@ from typing import Any
 
 MESH_AXES = ("data", "fsdp", "seq", "tensor")
 DTYPES = ("float32", "bfloat16")
+SP_STRATEGIES = ("allgather", "ring", "ulysses")  # softmax layers; recurrent layers use LASP-2
+SP_LAYOUTS = ("", "contiguous", "zigzag", "striped")  # "" = contiguous
 
 # Settings a resumed run may change; every other field must match the checkpoint.
 RESUMABLE_FIELDS = frozenset({"steps", "eval_every", "eval_batches", "log_every", "ckpt_every",
-                              "keep_checkpoints", "out", "sample_len", "mesh"})
+                              "keep_checkpoints", "out", "sample_len", "mesh", "sp_strategy", "sp_layout"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,8 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     mesh: str = ""                         # e.g. "data=2,seq=4"; unnamed axes have size 1
+    sp_strategy: str = "allgather"         # with a seq axis > 1: softmax layers' strategy (recurrent: LASP-2)
+    sp_layout: str = ""                    # with a seq axis > 1: "" (contiguous), "zigzag" or "striped"
     out: str | None = None                 # run directory; default runs/<task>-<timestamp>
     sample_len: int = 80                   # bytes task: greedy sample length at the end
 
@@ -120,6 +124,10 @@ class TrainConfig:
                  f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         need(self.num_layers >= 1, f"mixers must name at least one layer, got {self.mixers!r}")
         need(self.sample_len >= 0, f"sample_len must be >= 0, got {self.sample_len}")
+        need(self.sp_strategy in SP_STRATEGIES,
+             f"sp_strategy must be one of {', '.join(SP_STRATEGIES)}, got {self.sp_strategy!r}")
+        need(self.sp_layout in SP_LAYOUTS,
+             f"sp_layout must be contiguous (or ''), zigzag or striped, got {self.sp_layout!r}")
         if self.task == "mqar":
             from seqmix.train.tasks.mqar import min_seq_len
             need(self.num_kv_pairs >= 1, f"num_kv_pairs must be >= 1, got {self.num_kv_pairs}")
@@ -195,6 +203,10 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--ckpt-every", "ckpt_every", int, "steps between checkpoints (and one at the end)"),
     ("--dtype", "dtype", str, "compute dtype: float32 or bfloat16 (parameters stay float32)"),
     ("--mesh", "mesh", str, "device mesh over axes data,fsdp,seq,tensor, e.g. 'data=2,seq=4' (default: 1 device)"),
+    ("--sp-strategy", "sp_strategy", str, "sequence parallelism (mesh seq axis > 1) of the softmax layers: "
+     "allgather, ring or ulysses; recurrent layers use LASP-2"),
+    ("--sp-layout", "sp_layout", str, "sequence parallelism: token layout of the softmax layers: "
+     "contiguous (default), zigzag or striped"),
     ("--out", "out", str, "run directory (default: runs/<task>-<timestamp>)"),
     ("--num-kv-pairs", "num_kv_pairs", int, "mqar: key-value pairs per sequence"),
 )
@@ -210,6 +222,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
             kwargs["choices"] = sorted(TASKS)
         if field == "dtype":
             kwargs["choices"] = DTYPES
+        if field == "sp_strategy":
+            kwargs["choices"] = SP_STRATEGIES
+        if field == "sp_layout":
+            kwargs["choices"] = SP_LAYOUTS[1:]  # "" is the unset default (contiguous)
         default = getattr(defaults, field)
         shown = "" if default in ("", None) else f" [default: {default}]"
         parser.add_argument(flag, help=help_ + shown,

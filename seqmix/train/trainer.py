@@ -10,7 +10,10 @@ raises ``ValueError`` for any bad setting before work starts; :func:`train` runs
   linear warmup then a cosine decay to ``lr * min_lr_ratio``. ``--dtype bfloat16`` makes the model
   compute in bf16; parameters, gradients and optimizer state stay fp32, the loss is taken in fp32.
 * Mesh: axes ``("data", "fsdp", "seq", "tensor")`` over all devices (all but ``data`` of size 1 by
-  default). Batches are sharded over ``("data", "fsdp")``; parameters are replicated for now.
+  default). Batches are sharded over ``("data", "fsdp")``; parameters are replicated for now. With a
+  ``seq`` axis of size > 1 the model is built with a :class:`seqmix.parallel.SequenceParallel` (softmax
+  layers by ``--sp-strategy``, recurrent layers by LASP-2) and the token batch's sequence dimension is
+  sharded over ``seq`` as well.
 * Data: ``task.batch(step, ...)`` is a pure function of ``(seed, step)``, so the data-loader position
   is the step and a resumed run continues the very loss curve of an uninterrupted one.
 * Outputs in the run directory: ``config.json``, ``metrics.jsonl``, ``metrics.png``, ``summary.json``
@@ -103,6 +106,7 @@ class Setup:
     mesh: Mesh
     out: Path
     resume_step: int | None
+    sequence_parallel: Any = None  # seqmix.parallel.SequenceParallel when the mesh's seq axis is > 1
 
 
 def default_out(task: str) -> Path:
@@ -133,6 +137,7 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> Setup:
     task = get_task(cfg.task, **cfg.task_options())
     task.check(cfg.seq_len)
     lm_config = model_config(cfg, task.vocab_size)
+    sp = sequence_parallel_for(cfg, mesh, lm_config)
     ckpt_dir = out / "checkpoints"
     # Finished checkpoints are directories named by their step (Orbax writes to a temporary name first).
     steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit()) \
@@ -150,7 +155,38 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> Setup:
     elif steps:
         raise ValueError(f"{out} already holds checkpoints (latest step {steps[-1]}); pass --resume to "
                          f"continue that run or choose another --out")
-    return Setup(cfg=cfg, task=task, lm_config=lm_config, mesh=mesh, out=out, resume_step=resume_step)
+    return Setup(cfg=cfg, task=task, lm_config=lm_config, mesh=mesh, out=out, resume_step=resume_step,
+                 sequence_parallel=sp)
+
+
+_SOFTMAX_MIXERS = ("attn", "swa", "chunk", "stream", "based")
+
+
+def sequence_parallel_for(cfg: TrainConfig, mesh: Mesh, lm_config):
+    """The model's :class:`seqmix.parallel.SequenceParallel` when ``mesh`` has a ``seq`` axis > 1, else None.
+
+    Raises ValueError when ``cfg.seq_len`` does not split over the axis (or the layout's stronger
+    condition fails), or Ulysses cannot split the heads."""
+    p = int(mesh.shape["seq"])
+    if p == 1:
+        return None
+    from seqmix.parallel import SequenceParallel
+
+    layout = None if cfg.sp_layout in ("", "contiguous") else cfg.sp_layout
+    sp = SequenceParallel(mesh, axis="seq", strategy=cfg.sp_strategy, layout=layout,
+                          batch_axes=tuple(a for a in BATCH_AXES if mesh.shape[a] > 1))
+    try:
+        sp.check_seq_len(cfg.seq_len)
+    except ValueError as err:
+        raise ValueError(f"--mesh {cfg.mesh!r} splits the sequence over seq={p} devices: seq_len={cfg.seq_len} "
+                         f"does not fit ({err})") from None
+    names = [name for name, _ in lm_config.mixer_specs]
+    if cfg.sp_strategy == "ulysses" and any(n in _SOFTMAX_MIXERS for n in names):
+        kv = lm_config.num_kv_heads or lm_config.num_heads
+        if lm_config.num_heads % p or kv % p:
+            raise ValueError(f"--sp-strategy ulysses over seq={p} devices needs num_heads ({lm_config.num_heads}) "
+                             f"and num_kv_heads ({kv}) divisible by {p}; use allgather or ring")
+    return sp
 
 
 # ----------------------------------------------------------------------------- compiled programs
@@ -191,20 +227,24 @@ class Programs:
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_programs(lm_config, opt: OptimizerSettings, mesh: Mesh) -> Programs:
-    """Build (and cache, so repeated runs in one process compile once) the jitted programs."""
+def compiled_programs(lm_config, opt: OptimizerSettings, mesh: Mesh, sequence_parallel=None) -> Programs:
+    """Build (and cache, so repeated runs in one process compile once) the jitted programs.
+
+    With ``sequence_parallel``, the model's mixers run sequence-parallel and batches are sharded
+    ``[batch over data/fsdp, sequence over seq]``."""
     from seqmix.models import LM
 
+    sp = sequence_parallel
     replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
-    graphdef, abstract_params, rest = nnx.split(nnx.eval_shape(lambda: LM(lm_config, rngs=nnx.Rngs(0))),
-                                                nnx.Param, ...)
+    batch_sharding = NamedSharding(mesh, P(BATCH_AXES, sp.axis) if sp is not None else P(BATCH_AXES))
+    graphdef, abstract_params, rest = nnx.split(
+        nnx.eval_shape(lambda: LM(lm_config, rngs=nnx.Rngs(0), sequence_parallel=sp)), nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise NotImplementedError("the trainer expects a model whose only state is nnx.Param")
     tx = make_optimizer(opt)
 
     def init(key):
-        params = nnx.split(LM(lm_config, rngs=nnx.Rngs(key)), nnx.Param, ...)[1]
+        params = nnx.split(LM(lm_config, rngs=nnx.Rngs(key), sequence_parallel=sp), nnx.Param, ...)[1]
         return params, tx.init(params)
 
     def loss_and_sums(params, batch):
@@ -277,7 +317,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
     say = log or (lambda msg: bar.write(msg) if progress else print(msg) if is_main else None)
 
     # Model, optimizer, shardings: compiled once per (model config, optimizer settings, mesh).
-    prog = compiled_programs(s.lm_config, OptimizerSettings.of(cfg), mesh)
+    prog = compiled_programs(s.lm_config, OptimizerSettings.of(cfg), mesh, s.sequence_parallel)
     batch_sharding = prog.batch_sharding
     params, opt_state = prog.init(jax.random.key(cfg.seed))
     schedule = learning_rate_schedule(cfg)
@@ -300,6 +340,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
     records: list[dict[str, Any]] = []
     summary = {"params": n_params, "devices": jax.device_count(), "backend": jax.default_backend(),
                "mesh": dict(mesh.shape), **task.summary()}
+    if s.sequence_parallel is not None:
+        sp = s.sequence_parallel
+        summary["sequence_parallel"] = {"axis": sp.axis, "size": sp.size, "softmax": sp.strategy,
+                                        "recurrent": sp.recurrent_strategy, "layout": sp.layout or "contiguous"}
     if s.resume_step is None:
         say(f"{cfg.task}: {n_params / 1e6:.2f}M parameters, mixers {cfg.mixers}, {jax.device_count()} "
             f"{jax.default_backend()} device(s), mesh {dict(mesh.shape)}, run dir {out}")
