@@ -49,7 +49,9 @@ def attention_candidates(causal: bool) -> dict[str, Callable]:
     def seqmix_impl(name):
         return lambda q, k, v: ops.attention(q, k, v, mask=mask, impl=name)
 
-    cands = {f"seqmix:{n}": seqmix_impl(n) for n in ops.get_family("attention").implementations}
+    platform = jax.default_backend()  # interpret-mode kernels are for numerics, not timing
+    cands = {f"seqmix:{n}": seqmix_impl(n) for n, impl in ops.get_family("attention").implementations.items()
+             if platform in impl.platforms}
     cands["jax.nn.dot_product_attention"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)
     return cands
 
