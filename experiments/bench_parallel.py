@@ -23,10 +23,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `from bench import _timed`
 
 
 def _force_devices(n: int) -> None:
@@ -37,15 +39,9 @@ def _force_devices(n: int) -> None:
 
 
 def _timed(fn, args, repeats: int) -> float:
-    import jax
+    from bench import _timed as timed  # lazily: XLA_FLAGS must be set before jax is imported
 
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return timed(fn, args, repeats)
 
 
 def softmax_layers(mesh, args):

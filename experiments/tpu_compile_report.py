@@ -78,15 +78,16 @@ _USED_RE = re.compile(r'"used_scoped_memory_configs":\[\{"memory_space":"1","off
 _LIMIT_RE = re.compile(r'"scoped_memory_configs":\[\{"memory_space":"1","offset":"\d+","size":"(\d+)"')
 
 
-def kernel_vmem(hlo_text: str) -> dict[str, tuple[int, int]]:
-    """{kernel name: (used scoped VMEM bytes, limit bytes)} of the Mosaic calls in compiled HLO."""
+def kernel_vmem(hlo_text: str, kernel_re: re.Pattern = _KERNEL_RE) -> dict[str, tuple[int, int]]:
+    """{kernel name: (used scoped VMEM bytes, limit bytes)} of the Mosaic calls in compiled HLO whose
+    name ``kernel_re`` captures (group 1)."""
     out = {}
     for line in hlo_text.split("\n"):
-        m = _KERNEL_RE.search(line)
+        m = kernel_re.search(line)
         if not m:
             continue
         used, limit = _USED_RE.search(line), _LIMIT_RE.search(line)
-        out[m.group(1)] = (int(used.group(1)) if used else -1, int(limit.group(1)) if limit else -1)
+        out[m.group(1).rstrip("_")] = (int(used.group(1)) if used else -1, int(limit.group(1)) if limit else -1)
     return out
 
 

@@ -23,45 +23,24 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from seqmix import ops
 from seqmix.ops import recurrent_pallas  # noqa: F401 - registers "pallas_tpu"
 
-GENERATIONS = {  # name -> (topology name, chips_per_host_bounds)
-    "v5e": ("v5e:2x2", (2, 2, 1)),
-    "v5p": ("v5p:2x2x1", (2, 2, 1)),
-    "v6e": ("v6e:2x2", (2, 2, 1)),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tpu_compile_report as attention_report  # noqa: E402  (shared AOT helpers: meshes, VMEM parsing, formatting)
+from tpu_compile_report import GENERATIONS, _fmt_bytes, _fmt_flops, tpu_mesh  # noqa: E402,F401
+
 FAMILIES = ("linear_attention", "retention", "simple_gla", "gla", "delta_rule", "gated_delta_rule")
 SHAPE = (2, 8192, 16, 128)
 
 _KERNEL_RE = re.compile(
     r"%[\w.]*?(seqmix_(?:gla|delta)_(?:fwd|bwd)\w*?)(?:\.\d+)? = .*custom_call_target=\"tpu_custom_call\"")
-_USED_RE = re.compile(r'"used_scoped_memory_configs":\[\{"memory_space":"1","offset":"\d+","size":"(\d+)"')
-_LIMIT_RE = re.compile(r'"scoped_memory_configs":\[\{"memory_space":"1","offset":"\d+","size":"(\d+)"')
-
-
-def tpu_mesh(gen: str):
-    """A one-device mesh on an abstract TPU topology (needs libtpu importable)."""
-    from jax.experimental import topologies
-    from jax.sharding import Mesh
-
-    topo_name, bounds = GENERATIONS[gen]
-    topo = topologies.get_topology_desc(platform="tpu", topology_name=topo_name, chips_per_host_bounds=bounds)
-    return Mesh(np.array(topo.devices[:1]), ("x",))
 
 
 def kernel_vmem(hlo_text: str) -> dict[str, tuple[int, int]]:
     """{kernel name: (used scoped VMEM bytes, limit bytes)} of the recurrent Mosaic calls in compiled HLO."""
-    out = {}
-    for line in hlo_text.split("\n"):
-        m = _KERNEL_RE.search(line)
-        if not m:
-            continue
-        used, limit = _USED_RE.search(line), _LIMIT_RE.search(line)
-        out[m.group(1).rstrip("_")] = (int(used.group(1)) if used else -1, int(limit.group(1)) if limit else -1)
-    return out
+    return attention_report.kernel_vmem(hlo_text, _KERNEL_RE)
 
 
 def inputs(family: str, sharding, shape=SHAPE):
@@ -141,19 +120,6 @@ def compile_one(family: str, gen: str, mode: str, mesh=None, shape=SHAPE) -> dic
     row.update(ok=True, flops=cost.get("flops"), bytes=cost.get("bytes accessed"),
                temp=getattr(mem, "temp_size_in_bytes", None), vmem=kernel_vmem(compiled.as_text()))
     return row
-
-
-def _fmt_bytes(n) -> str:
-    if n is None or n < 0:
-        return "n/a"
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
-def _fmt_flops(n) -> str:
-    return "n/a" if n is None else f"{n / 1e12:.2f} T"
 
 
 def markdown(rows: list[dict]) -> str:
