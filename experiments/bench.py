@@ -49,9 +49,9 @@ def attention_candidates(causal: bool) -> dict[str, Callable]:
     def seqmix_impl(name):
         return lambda q, k, v: ops.attention(q, k, v, mask=mask, impl=name)
 
-    platform = jax.default_backend()  # interpret-mode kernels are for numerics, not timing
+    platform = jax.default_backend()  # time only what runs natively here (interpret mode is for numerics)
     cands = {f"seqmix:{n}": seqmix_impl(n) for n, impl in ops.get_family("attention").implementations.items()
-             if platform in impl.platforms}
+             if impl.backend in (None, platform) and (platform != "cpu" or "cpu" in impl.evidence)}
     cands["jax.nn.dot_product_attention"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)
     return cands
 
@@ -88,22 +88,14 @@ def bench_attention(lengths, batch, heads, kv_heads, head_dim, dtype, causal, re
 
 
 def recurrent_inputs(family: str, b: int, t: int, h: int, d: int, dtype):
-    """Positional inputs of a recurrent family's op (gates in log space, beta in (0, 1), unit-norm k)."""
-    keys = jax.random.split(jax.random.PRNGKey(t), 5)
-    q = jax.random.normal(keys[0], (b, t, h, d), dtype)
-    k = jax.random.normal(keys[1], (b, t, h, d), jnp.float32)
-    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
-    v = jax.random.normal(keys[2], (b, t, h, d), dtype)
-    g_scalar = jax.nn.log_sigmoid(jax.random.normal(keys[3], (b, t, h)) + 4.0)
-    g_channel = jax.nn.log_sigmoid(jax.random.normal(keys[3], (b, t, h, d)) + 4.0) / 16
-    beta = jax.nn.sigmoid(jax.random.normal(keys[4], (b, t, h)))
-    args = {"linear_attention": (), "retention": (), "simple_gla": (g_scalar,), "gla": (g_channel,),
-            "delta_rule": (beta,), "gated_delta_rule": (g_scalar, beta)}[family]
-    kwargs = {"retention": {"decay": jnp.log(1 - 2.0 ** (-5 - jnp.arange(h, dtype=jnp.float32)))}}.get(family, {})
-    return (q, k, v) + args, kwargs
+    """The family record's inputs (typical gates, no initial state): (positional args, keyword arguments)."""
+    fam = ops.get_family(family)
+    inputs = fam.make_inputs(fam, jax.random.PRNGKey(t), batch=b, seq=t, heads=h, dk=d, dv=d, dtype=dtype,
+                             initial_state=False)
+    return inputs.args, {**inputs.arrays, **inputs.options}
 
 
-RECURRENT = ("linear_attention", "retention", "simple_gla", "gla", "delta_rule", "gated_delta_rule")
+RECURRENT = tuple(n for n in sorted(ops.FAMILIES) if ops.FAMILIES[n].kind == "recurrent")
 
 
 def bench_recurrent(lengths, batch, heads, head_dim, dtype, repeats, max_reference_len, max_softmax_len,

@@ -91,26 +91,27 @@ def recurrent_layers(mesh, args):
 
     import seqmix.parallel as sp
 
+    from seqmix.ops import _registry
+
     p = mesh.shape["seq"]
     b, n, h, d = args.batch, args.seq, args.heads, args.head_dim
-    key = jax.random.split(jax.random.PRNGKey(1), 5)
-    q, k, v = (jax.random.normal(kk, (b, n, h, d), jnp.float32) for kk in key[:3])
-    q, k = (x / jnp.linalg.norm(x, axis=-1, keepdims=True) for x in (q, k))
-    g = jax.nn.log_sigmoid(jax.random.normal(key[3], (b, n, h)) + 3.0)
-    beta = jax.nn.sigmoid(jax.random.normal(key[4], (b, n, h)))
-    extra = {"simple_gla": (g,), "gated_delta_rule": (g, beta), "delta_rule": (beta,), "linear_attention": (),
-             "gla": (jnp.broadcast_to(g[..., None], (b, n, h, d)),)}
     out = {}
     for family in args.families:
-        fargs = extra[family]
-        state = b * h * d * d * 4
-        trans = {"gated_delta_rule": b * h * d * d * 4, "delta_rule": b * h * d * d * 4, "gla": b * h * d * 4}.get(
-            family, b * h * 4)
+        fam = _registry.get_family(family)
+        inputs = fam.make_inputs(fam, jax.random.PRNGKey(1), batch=b, seq=n, heads=h, dk=d, dv=d, initial_state=False)
+        q, k, v = inputs.args[:3]
+        fargs = inputs.args[3:]
+        kwargs = {**inputs.arrays, **inputs.options}
+        # summary bytes from the record's own summary (FAMILIES.md §4.9): S_ext plus the transition
+        call = fam.prepare(*inputs.args, **kwargs)
+        summ = jax.eval_shape(lambda c=call, fam=fam: fam.sp_summary(c, lambda cc: fam.run("xla", cc)))
+        state = summ.s_ext.size * 4
+        trans = summ.transition.size * 4
         for strategy in ("lasp2", "lasp1"):
             fn = sp.RECURRENT_STRATEGIES[strategy]
 
-            def local(q, k, v, *fa, fn=fn, family=family):
-                return fn(family, q, k, v, *fa, axis_name="seq")
+            def local(q, k, v, *fa, fn=fn, family=family, kwargs=kwargs):
+                return fn(family, q, k, v, *fa, axis_name="seq", **kwargs)
 
             spec = PS(None, "seq")
             layer = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * (3 + len(fargs)), out_specs=spec,

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from seqmix import ops
-from seqmix.ops import attention_pallas  # noqa: F401 - registers "pallas_tpu"
+from seqmix.ops.tpu import attention as attention_pallas
 from seqmix.ops import masks as M
 
 GENERATIONS = {  # name -> (topology name, chips_per_host_bounds)

@@ -25,13 +25,13 @@ import jax
 import jax.numpy as jnp
 
 from seqmix import ops
-from seqmix.ops import recurrent_pallas  # noqa: F401 - registers "pallas_tpu"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tpu_compile_report as attention_report  # noqa: E402  (shared AOT helpers: meshes, VMEM parsing, formatting)
 from tpu_compile_report import GENERATIONS, _fmt_bytes, _fmt_flops, tpu_mesh  # noqa: E402,F401
 
-FAMILIES = ("linear_attention", "retention", "simple_gla", "gla", "delta_rule", "gated_delta_rule")
+FAMILIES = tuple(n for n in sorted(ops.FAMILIES) if ops.FAMILIES[n].kind == "recurrent"
+                 and "pallas_tpu" in ops.FAMILIES[n].implementations)
 SHAPE = (2, 8192, 16, 128)
 
 _KERNEL_RE = re.compile(
@@ -44,55 +44,52 @@ def kernel_vmem(hlo_text: str) -> dict[str, tuple[int, int]]:
 
 
 def inputs(family: str, sharding, shape=SHAPE):
-    """Abstract arguments (q, k, v, *gates) for ``family``'s op."""
+    """Abstract positional and keyword arrays of ``family``'s op (from its record's input factory), bf16
+    q/k/v, and its static options."""
+    fam = ops.get_family(family)
     b, t, h, d = shape
-    x = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16, sharding=sharding)
-    s3 = jax.ShapeDtypeStruct((b, t, h), jnp.float32, sharding=sharding)
-    s4 = jax.ShapeDtypeStruct((b, t, h, d), jnp.float32, sharding=sharding)
-    decay = jax.ShapeDtypeStruct((h,), jnp.float32, sharding=sharding)
-    extra = {"linear_attention": (), "retention": (decay,), "simple_gla": (s3,), "gla": (s4,),
-             "delta_rule": (s3,), "gated_delta_rule": (s3, s3)}[family]
-    return (x, x, x) + extra
+    holder = {}
+
+    def arrays(key):
+        inp = fam.make_inputs(fam, key, batch=b, seq=t, heads=h, dk=d, dv=d, dtype=jnp.bfloat16, initial_state=False)
+        holder["options"] = inp.options
+        return inp.args, inp.arrays
+
+    shapes = jax.eval_shape(arrays, jax.random.PRNGKey(0))
+    spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+    args, kw = jax.tree_util.tree_map(spec, shapes)
+    return args, kw, holder["options"]
 
 
-def _op(family: str):
-    """The op with every gate positional (retention's ``decay [H]`` keyword becomes a traced argument)."""
-    op = ops.get_family(family).op
-    if family == "retention":
-        return lambda q, k, v, decay, **kw: op(q, k, v, decay=decay, **kw)
-    return op
+def make_fns(family: str, options):
+    fam = ops.get_family(family)
 
+    def fwd(args, kw):
+        return fam.op(*args, **kw, **options, return_state=True, impl="pallas_tpu")
 
-def make_fns(family: str):
-    op = _op(family)
+    def bwd(args, kw):
+        diff = {n: x for n, x in kw.items() if fam.arg(n).differentiable}
+        fixed = {n: x for n, x in kw.items() if n not in diff}
 
-    def fwd(q, k, v, *gates):
-        return op(q, k, v, *gates, return_state=True, impl="pallas_tpu")
-
-    def bwd(q, k, v, *gates):
-        def loss(*args):
-            o, s = op(*args, return_state=True, impl="pallas_tpu")
+        def loss(args, diff):
+            o, s = fam.op(*args, **diff, **fixed, **options, return_state=True, impl="pallas_tpu")
             return o.astype(jnp.float32).sum() + s.sum()
-        n = 3 if family == "retention" else 3 + len(gates)  # retention's decay gets no gradient
-        return jax.grad(loss, argnums=tuple(range(n)))(q, k, v, *gates)
+        return jax.grad(loss, argnums=(0, 1))(args, diff)
 
     return {"fwd": fwd, "bwd": bwd}
 
 
-def describe(family: str, args) -> str:
-    """The implementation's ``describe`` for abstract ``args`` (prepare runs on tracers inside eval_shape)."""
+def describe(family: str, args, kw, options) -> str:
+    """The implementation's ``describe`` for abstract inputs (prepare runs on tracers inside eval_shape)."""
+    fam = ops.get_family(family)
     out = {}
 
-    def probe(*a):
-        if family == "retention":
-            a, kw = a[:3], {"decay": a[3]}
-        else:
-            kw = {}
-        call = ops.get_family(family).prepare(*a, **kw)
-        out["text"] = recurrent_pallas.IMPLEMENTATIONS[family].describe(call)
-        return a[0]
+    def probe(args, kw):
+        call = fam.prepare(*args, **kw, **options)
+        out["text"] = fam.implementations["pallas_tpu"].describe(call)
+        return args[0]
 
-    jax.eval_shape(probe, *args)
+    jax.eval_shape(probe, args, kw)
     return out["text"]
 
 
@@ -101,14 +98,14 @@ def compile_one(family: str, gen: str, mode: str, mesh=None, shape=SHAPE) -> dic
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     mesh = mesh or tpu_mesh(gen)
-    args = inputs(family, NamedSharding(mesh, P()), shape)
-    fn = make_fns(family)[mode]
+    args, kw, options = inputs(family, NamedSharding(mesh, P()), shape)
+    fn = make_fns(family, options)[mode]
     row = {"family": family, "gen": gen, "mode": mode, "shape": list(shape)}
     t0 = time.perf_counter()
     try:
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            row["kernel"] = describe(family, args)
-            compiled = jax.jit(fn).lower(*args).compile()
+            row["kernel"] = describe(family, args, kw, options)
+            compiled = jax.jit(fn).lower(args, kw).compile()
     except Exception as err:  # noqa: BLE001 - a report row, not a crash
         row.update(ok=False, error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}",
                    seconds=time.perf_counter() - t0, traceback=traceback.format_exc(limit=3))

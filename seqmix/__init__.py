@@ -12,8 +12,5 @@ __all__ = ["attention", "capability_matrix", "explain", "masks", "ops"]
 
 
 def capability_matrix() -> str:
-    """The capability matrix as markdown, with every layer registered (modules, sequence parallelism)."""
-    import seqmix.models  # noqa: F401  (registers the Flax modules and mixers)
-    import seqmix.parallel  # noqa: F401  (registers the sequence-parallel strategies)
-
+    """The capability matrix as markdown (read from the family records; import order does not matter)."""
     return ops.capability_markdown()

@@ -8,10 +8,15 @@ A tensor passes iff it is finite and both
 Both sides are cast to fp32. Tolerances come from :data:`TOLERANCES`, keyed by the comparison kind
 and the tensor's role (``"out"`` for o / final_state / lse, ``"grad"`` for dq dk dv dh0, ``"gate"``
 for gate, beta and sink-logit gradients). Useful to anyone testing their own kernel.
+
+The tree assertion runs on chex (``chex.assert_trees_all_equal_comparator`` with the seqmix comparator),
+so structure mismatches and every failing leaf are reported the chex way; :func:`assert_finite` and
+:func:`assert_shape` are chex's ``assert_tree_all_finite`` / ``assert_shape``.
 """
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,17 +67,30 @@ def assert_close(x, ref, *, kind: str = "fp32", role: str = "out", name: str = "
         raise AssertionError(msg)
 
 
-def assert_trees_close(xs, refs, *, kind: str = "fp32", role: str = "out", names=None) -> None:
-    """assert_close over matching leaves of two pytrees; reports every failing leaf at once."""
-    leaves_x = jax.tree_util.tree_leaves(xs)
-    leaves_r = jax.tree_util.tree_leaves(refs)
-    if len(leaves_x) != len(leaves_r):
-        raise AssertionError(f"trees differ in size: {len(leaves_x)} vs {len(leaves_r)}")
-    names = names or [f"leaf{i}" for i in range(len(leaves_x))]
-    msgs = [check_close(a, b, kind=kind, role=role, name=n) for a, b, n in zip(leaves_x, leaves_r, names)]
-    msgs = [m for m in msgs if m]
-    if msgs:
-        raise AssertionError("; ".join(msgs))
+def assert_trees_close(xs, refs, *, kind: str = "fp32", role: str = "out", name: str = "tree") -> None:
+    """:func:`assert_close` over matching leaves of two pytrees of one structure (chex comparator).
+
+    ``role`` is one role for every leaf, or a pytree prefix of roles (e.g. ``{"o": "out", "dg": "gate"}``
+    for dict trees).
+    """
+    if isinstance(role, str):
+        chex.assert_trees_all_equal_comparator(
+            lambda a, b: check_close(a, b, kind=kind, role=role, name=name) is None,
+            lambda a, b: check_close(a, b, kind=kind, role=role, name=name), xs, refs)
+        return
+    chex.assert_trees_all_equal_structs(xs, refs)
+    for key in role:
+        assert_trees_close(xs[key], refs[key], kind=kind, role=role[key], name=f"{name}[{key!r}]")
+
+
+def assert_finite(tree, name: str = "tree") -> None:
+    """Every leaf is finite (``chex.assert_tree_all_finite``)."""
+    chex.assert_tree_all_finite(tree, custom_message=name)
+
+
+def assert_shape(x, shape) -> None:
+    """``chex.assert_shape`` (``None`` entries match any size)."""
+    chex.assert_shape(x, shape)
 
 
 def assert_not_close(x, ref, *, min_rms: float = 1e-3, name: str = "x") -> None:

@@ -2,7 +2,7 @@
 
 Algorithms: FAMILIES.md §3.1 (online softmax), §3.2 (splash-style block metadata), §3.3 (backward),
 §3.5 (GQA). This module is raw kernels plus their ``custom_vjp``; it imports nothing from ``seqmix``.
-The caller (``seqmix.ops.attention_pallas``) lays the data out, builds the metadata and passes the
+The caller (``seqmix.ops.tpu.attention``) lays the data out, builds the metadata and passes the
 mask predicate as a plain callable.
 
 Kernel layout (the caller transposes from the API's ``[B, T, H, D]``):
@@ -25,8 +25,8 @@ prefetch (``PrefetchScalarGridSpec``), flattened to 1-D int32:
   (same block index) and ``pl.when`` skips the body.
 * ``chunks``: EMPTY(0) / PARTIAL(1) / FULL(2) for every (q block, kv block, kv chunk of
   ``block_kv_compute`` keys). Inside a live block each chunk is skipped (EMPTY), computed without a
-  mask (FULL), or masked with ``mask_fn(q_pos, q_rel, kv_pos, kv_rel) & (kv_pos >= 0)
-  [& q_seg == kv_seg]`` evaluated in-kernel (PARTIAL). Large blocks keep DMA and per-step overhead
+  mask (FULL), or masked with ``pair_fn(q_pos, q_rel, q_seg, kv_pos, kv_rel, kv_seg)`` evaluated
+  in-kernel (PARTIAL): the caller's one definition of an allowed pair (mask, key validity, segments). Large blocks keep DMA and per-step overhead
   low while chunks keep the causal diagonal's wasted work and the fp32 score tile small.
 
 Grids: forward and dq ``(B, Hkv, n_q_blocks, n_kv_blocks)``; dkv ``(B, Hkv, n_kv_blocks, n_q_blocks)``
@@ -48,9 +48,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import _interpret
+from pallas_kernels import _target
+from pallas_kernels.softmax_math import sink_grad
+from pallas_kernels.tpu import _compat
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 KIND_BITS = 2
@@ -59,21 +60,12 @@ COORD_ROWS = 8  # pos, rel, seg, then zero rows: one full sublane tile of int32
 POS, REL, SEG = 0, 1, 2
 NUM_LANES = 128
 
-MaskFn = Callable[[Any, Any, Any, Any], Any]  # (q_pos, q_rel, kv_pos, kv_rel) -> bool, broadcasting
+PairFn = Callable[..., Any]  # (q_pos, q_rel, q_seg, kv_pos, kv_rel, kv_seg) -> bool, broadcasting
 
-# ----------------------------------------------------------------------------- API drift guards
-# jax 0.10 / 0.11: CompilerParams (TPUCompilerParams before 0.7, removed in 0.8.1);
-# pl.Squeezed (None before); PrefetchScalarGridSpec and pltpu.VMEM unchanged so far.
-_CompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
-_SQ = pl.Squeezed() if hasattr(pl, "Squeezed") else None
-_PrefetchScalarGridSpec = pltpu.PrefetchScalarGridSpec
-
-
-def _vmem(shape, dtype):
-    space = getattr(pltpu, "VMEM", None)
-    if space is None:  # pragma: no cover - very old jax
-        space = pltpu.MemorySpace.VMEM
-    return space(shape, dtype)
+_CompilerParams = _compat.CompilerParams
+_SQ = _compat.SQ
+_PrefetchScalarGridSpec = _compat.PrefetchScalarGridSpec
+_vmem = _compat.vmem
 
 
 def _cost(cfg: FlashConfig, pairs: int, flops_per_pair: int, exp_per_pair: int, bytes_fixed: int,
@@ -124,8 +116,7 @@ class FlashConfig:
 
     scale: float
     soft_cap: float | None
-    mask_fn: MaskFn | None  # None: no predicate beyond key validity and segments
-    has_segments: bool
+    pair_fn: PairFn  # which (query, key) pairs of a PARTIAL chunk are allowed
     has_sinks: bool
     tiles: FlashTiles
     vmem_limit_bytes: int | None = None
@@ -167,13 +158,8 @@ def _col(row):
 
 
 def _allowed(cfg: FlashConfig, q_pos, q_rel, q_seg, kv_pos, kv_rel, kv_seg, shape):
-    """The mask predicate, key validity and segment equality, broadcast to ``shape``."""
-    ok = kv_pos >= 0
-    if cfg.mask_fn is not None:
-        ok = ok & cfg.mask_fn(q_pos, q_rel, kv_pos, kv_rel)
-    if cfg.has_segments:
-        ok = ok & (q_seg == kv_seg)
-    return jnp.broadcast_to(ok, shape)
+    """The caller's pair predicate, broadcast to ``shape``."""
+    return jnp.broadcast_to(cfg.pair_fn(q_pos, q_rel, q_seg, kv_pos, kv_rel, kv_seg), shape)
 
 
 def _cap(cfg: FlashConfig, s):
@@ -542,17 +528,6 @@ def _vjp_fwd(cfg, q, k, v, sinks, q_coords, fwd_meta, bwd_meta):
     return (o, lse), (q, k, v, sinks, q_coords, fwd_meta, bwd_meta, o, lse)
 
 
-def sink_grad(sinks, lse, delta):
-    """``d b_h = −Σ_{batch, rows} exp(b_h − lse_i)·D_i`` (FAMILIES.md §2.1), fp32.
-
-    sinks ``[Hq]``; lse, delta ``[B, Hq, T]`` with ``delta = rowsum(dO∘O) − dlse``.
-    """
-    lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)
-    w = jnp.exp(sinks.astype(jnp.float32)[None, :, None] - lse_safe)
-    w = jnp.where(jnp.isfinite(lse), w, 1.0)
-    return -(w * delta).sum((0, 2))
-
-
 def _vjp_bwd(cfg, res, cts):
     q, k, v, sinks, q_coords, fwd_meta, bwd_meta, o, lse = res
     dq_steps, dkv_steps, chunks, kv_coords = bwd_meta
@@ -576,5 +551,5 @@ flash_attention.defvjp(_vjp_fwd, _vjp_bwd)
 
 
 def default_interpret():
-    """Interpret-mode setting for :class:`FlashConfig` on this backend (see ``pallas_kernels._interpret``)."""
-    return _interpret.interpret_params()
+    """Interpret-mode setting for :class:`FlashConfig` on this backend (see ``pallas_kernels._target``)."""
+    return _target.interpret_params()

@@ -47,26 +47,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.tpu._compat import SQ as _SQ
+from pallas_kernels.tpu._compat import CompilerParams as _CompilerParams
+from pallas_kernels.tpu._compat import vmem as _vmem
 
 F32 = jnp.float32
 TOK_LANES = 8  # per-token fp32 lanes: G (scalar gate cumsum), sid (segment index inside the chunk), beta, ...
 LANE_G, LANE_SID, LANE_BETA = 0, 1, 2
 SUB_CHUNK = 16
 GATES = ("none", "scalar", "channel")
-
-# ----------------------------------------------------------------------------- API drift guards
-# jax 0.10 / 0.11: CompilerParams (TPUCompilerParams before 0.7); pl.Squeezed (None before).
-_CompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
-_SQ = pl.Squeezed() if hasattr(pl, "Squeezed") else None
-
-
-def _vmem(shape, dtype):
-    space = getattr(pltpu, "VMEM", None)
-    if space is None:  # pragma: no cover - very old jax
-        space = pltpu.MemorySpace.VMEM
-    return space(shape, dtype)
-
 
 @dataclasses.dataclass(frozen=True)
 class GLAConfig:

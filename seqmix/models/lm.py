@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import math
 from typing import Any
 
@@ -106,6 +107,12 @@ class LMConfig:
         return 32 * math.ceil(8 * self.d_model / 3 / 32)
 
     @property
+    def dims(self) -> mixers_lib.MixerDims:
+        """What the mixer factories read (they never see the whole config)."""
+        return mixers_lib.MixerDims(self.d_model, self.num_heads, self.num_kv_heads, self.rope_theta,
+                                    self.compute_dtype, self.parameter_dtype)
+
+    @property
     def compute_dtype(self):
         return _COMPUTE_DTYPES[self.dtype]
 
@@ -116,14 +123,20 @@ class LMConfig:
     # ------------------------------------------------------------------ serialization
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict of the fields (``from_dict`` inverts it)."""
-        return dataclasses.asdict(self)
+        """A JSON-safe dict of the fields plus ``mixer_modules`` (the modules that register the mixers it
+        names, so ``from_dict`` rebuilds a model with user mixers in a fresh process)."""
+        d = dataclasses.asdict(self)
+        d["mixer_modules"] = mixers_lib.mixer_modules(sorted({n for n, _ in self.mixer_specs}))
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LMConfig":
         """Build from ``to_dict``'s output; missing fields take their defaults, unknown ones raise."""
         if not isinstance(d, dict):
             raise ValueError(f"LMConfig.from_dict expects a dict; got {type(d).__name__}")
+        d = dict(d)
+        for module in sorted(set((d.pop("mixer_modules", None) or {}).values())):
+            importlib.import_module(module)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -153,7 +166,7 @@ class LM(nnx.Module):
         self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype, param_dtype=pdtype,
                                embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
         self.blocks = nnx.List([
-            Block(mixers_lib.build_mixer(config, name, arg, rngs=rngs, sequence_parallel=sequence_parallel),
+            Block(mixers_lib.build_mixer(config.dims, name, arg, rngs=rngs, sequence_parallel=sequence_parallel),
                   config.d_model, config.mlp_dim,
                   dtype=dtype, param_dtype=pdtype, rngs=rngs)
             for name, arg in config.mixer_specs])

@@ -4,6 +4,7 @@ MHA, GQA and MQA by ``num_kv_heads``; K/V are never repeated (the op reads kv he
 Parallel form: ``module(x [B, T, d_model], positions=[T], segment_ids=[B, T]) -> [B, T, d_model]``.
 Decoding: ``cache = module.init_cache(B, max_len)``, then ``y, cache = module.decode(x, cache)`` with
 any number of new tokens (a prompt, then one token at a time); RoPE uses text positions.
+Mixers: ``attn``, ``swa:W``, ``chunk:C``, ``stream:W``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from flax import nnx
 
 from seqmix import ops
 from seqmix.ops import masks as masks_lib
+from seqmix.nn.mixer import int_arg, no_arg, register_mixer
 from seqmix.nn.norm import RMSNorm
 from seqmix.nn.rope import apply_rope
 
@@ -172,3 +174,23 @@ class Attention(nnx.Module):
         q, k, v = self._project(x, positions)
         o, cache = ops.attention_decode(q, k, v, cache, segment_ids=segment_ids, **self._op_kwargs())
         return self._out(o), cache
+
+
+# ----------------------------------------------------------------------------- mixers
+
+
+def _attention_mixer(make_mask):
+    def factory(dims, arg, *, rngs: nnx.Rngs, sequence_parallel=None) -> Attention:
+        return Attention(dims.d_model, dims.num_heads, num_kv_heads=dims.num_kv_heads, mask=make_mask(arg),
+                         rope=True, rope_theta=dims.rope_theta, **dims.dtypes(sequence_parallel), rngs=rngs)
+    return factory
+
+
+register_mixer("attn", _attention_mixer(lambda arg: masks_lib.Causal()), check_arg=no_arg,
+               doc="causal softmax attention")
+register_mixer("swa", _attention_mixer(lambda arg: masks_lib.LocalWindow(int(arg))), check_arg=int_arg,
+               doc="sliding-window softmax attention over the last W keys (swa:W)")
+register_mixer("chunk", _attention_mixer(lambda arg: masks_lib.ChunkedCausal(int(arg))), check_arg=int_arg,
+               doc="chunked causal softmax attention, chunks of C tokens (chunk:C)")
+register_mixer("stream", _attention_mixer(lambda arg: masks_lib.streaming(int(arg), 4)), check_arg=int_arg,
+               doc="StreamingLLM: window of W keys plus the first 4 tokens (stream:W)")

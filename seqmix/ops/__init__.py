@@ -1,7 +1,12 @@
-"""Functional ops, one per attention family, dispatched to an implementation by the registry."""
+"""Functional ops, one per attention family, dispatched to an implementation by the registry.
+
+Each family is one op file that registers its complete record (``seqmix.ops._registry``); importing
+this package registers every family, so the capability matrix does not depend on import order.
+"""
 
 from seqmix.ops import masks
-from seqmix.ops._registry import FAMILIES, capability_markdown, capability_rows, explain, get_family
+from seqmix.ops._debug import debug_checks
+from seqmix.ops._registry import FAMILIES, explain, get_family
 from seqmix.ops.attention import (KVCache, attention, attention_decode, cache_size_for, init_kv_cache,
                                   merge_lse, update_kv_cache)
 from seqmix.ops.delta_rule import delta_rule, delta_rule_step
@@ -10,12 +15,11 @@ from seqmix.ops.gla import gla, gla_step
 from seqmix.ops.linear_attention import linear_attention, linear_attention_step, taylor_feature_map
 from seqmix.ops.retention import lightning_decay, retention, retention_step, retnet_decay
 from seqmix.ops.simple_gla import simple_gla, simple_gla_step
-from seqmix.ops import attention_pallas  # noqa: F401,E402  (registers "pallas_tpu" for attention)
-from seqmix.ops import recurrent_pallas  # noqa: F401,E402  (registers "pallas_tpu" for the recurrent families)
+from seqmix.ops._capabilities import capability_markdown, capability_rows  # noqa: E402
 
 __all__ = [
     "FAMILIES", "KVCache", "attention", "attention_decode", "cache_size_for", "capability_markdown",
-    "capability_rows", "delta_rule", "delta_rule_step", "explain", "gated_delta_rule",
+    "capability_rows", "debug_checks", "delta_rule", "delta_rule_step", "explain", "gated_delta_rule",
     "gated_delta_rule_step", "get_family", "gla", "gla_step", "init_kv_cache", "lightning_decay",
     "linear_attention", "linear_attention_step", "masks", "merge_lse", "retention", "retention_step",
     "retnet_decay", "simple_gla", "simple_gla_step", "taylor_feature_map", "update_kv_cache",

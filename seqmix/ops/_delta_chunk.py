@@ -376,6 +376,15 @@ def chunk_summary(k, v, beta, g=None, *, resets=None, segment_ids=None, chunk_si
     return m, s
 
 
+def summary(call, run=None):
+    """LASP summary of a prepared (gated) delta-rule call: ``Summary("matrix", M, S_ext)`` (``run`` unused:
+    the WY form gives M and S_ext directly)."""
+    from seqmix.ops._recurrent import Summary
+
+    m, s = chunk_summary(call.k, call.v, call.beta, call.g, resets=call.resets, chunk_size=call.chunk_size)
+    return Summary("matrix", m, s)
+
+
 # ----------------------------------------------------------------------------- token step (reference, decode)
 
 
@@ -407,13 +416,13 @@ def decode_step(q_t, k_t, v_t, state, *, beta_t, g_t=None, scale=None, gated: bo
     if v_t.shape[:2] != (b, h):
         raise ValueError(f"v_t must match q_t in [batch, heads] = {[b, h]}; got {list(v_t.shape)}")
     dv = v_t.shape[-1]
-    _checks.require_float("beta_t", beta_t)
-    _checks.require_shape("beta_t", beta_t, (b, h), "[batch, heads]")
+    _checks.require_float("beta", beta_t)
+    _checks.require_shape("beta", beta_t, (b, h), "[batch, heads], this token's write strength")
     if gated:
         if g_t is None:
-            raise ValueError("g_t (log decay [batch, heads]) is required")
-        _checks.require_float("g_t", g_t)
-        _checks.require_shape("g_t", g_t, (b, h), "[batch, heads]")
+            raise ValueError("g (this token's log decay, [batch, heads]) is required")
+        _checks.require_float("g", g_t)
+        _checks.require_shape("g", g_t, (b, h), "[batch, heads], this token's log decay")
         g_t = jnp.asarray(g_t, F32)
     if state is None:
         state = jnp.zeros((b, h, dk, dv), F32)

@@ -44,14 +44,21 @@ class RecurrentCall:
     g: Array | None = None
     beta: Array | None = None
     options: tuple = ()
+    gate_grad: bool = True  # False: g is a fixed hyperparameter (retention's decay), no gradient needed
+    post: Callable | None = None  # post(call, o fp32) -> o, applied by every implementation (a normalizer)
 
     def option(self, name: str, default=None):
         return dict(self.options).get(name, default)
 
     def finish(self, o, final_state):
-        """The op's return value: ``o`` (input dtype) or ``(o, final_state)``."""
+        """The op's return value: ``o`` (input dtype) or ``(o, final_state)``; applies ``post`` first."""
+        if self.post is not None:
+            o = self.post(self, o.astype(jnp.float32))
         o = o.astype(self.q.dtype)
         return (o, final_state) if self.return_state else o
+
+    def replace(self, **changes) -> "RecurrentCall":
+        return dataclasses.replace(self, **changes)
 
 
 def resets_from_segments(segment_ids: Array) -> Array:
@@ -62,7 +69,7 @@ def resets_from_segments(segment_ids: Array) -> Array:
 
 def prepare_recurrent(q, k, v, *, scale=None, initial_state=None, return_state=False, segment_ids=None,
                       chunk_size=64, g=None, g_kinds=(), beta=None, beta_range=None,
-                      options=()) -> RecurrentCall:
+                      options=(), gate_grad=True, post=None) -> RecurrentCall:
     """Validate the arguments shared by recurrent ops.
 
     g_kinds: which gate shapes the family accepts, from ``"scalar"`` (``[B, T, H]``), ``"channel"``
@@ -107,7 +114,7 @@ def prepare_recurrent(q, k, v, *, scale=None, initial_state=None, return_state=F
                 raise ValueError(f"beta must lie in [{lo}, {hi}]; got values in [{bmin:.4g}, {bmax:.4g}]")
         beta = jnp.asarray(beta, jnp.float32)
     return RecurrentCall(q, k, v, scale, initial_state, bool(return_state), segment_ids, resets,
-                         chunk_size, g, beta, tuple(options))
+                         chunk_size, g, beta, tuple(options), gate_grad, post)
 
 
 def _gate_layouts(kinds, b, t, h, dk) -> str:
@@ -162,3 +169,123 @@ def scan_reference(call: RecurrentCall, step: Callable) -> tuple[Array, Array]:
     with jax.default_matmul_precision("highest"):
         final, o = jax.lax.scan(body, s0, (xs, reset))
     return jnp.moveaxis(o, 0, 1), final
+
+
+# ----------------------------------------------------------------------------- record helpers
+
+
+def state_spec(call: RecurrentCall):
+    """The state of a one-matrix recurrent family: fp32 ``[B, H, Dk', Dv']`` from the prepared call
+    (after feature maps and value padding, so linear attention's ``Dk'`` / ``Dv + 1`` come out right)."""
+    b, _, h, dk = call.q.shape
+    return jax.ShapeDtypeStruct((b, h, dk, call.v.shape[-1]), jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """A shard's affine state map ``S ↦ T(S) + s_ext`` (FAMILIES.md §4.5), fp32.
+
+    kind ``"decay"``: ``transition`` is ``log a`` ``[B, H]`` (scalar) or ``[B, H, Dk]`` (per channel);
+    kind ``"matrix"``: ``transition`` is ``M`` ``[B, H, Dk, Dk]``. ``-inf`` / 0 after a reset.
+    """
+
+    kind: str
+    transition: Array
+    s_ext: Array
+
+
+def apply_summary(kind: str, transition, state):
+    """``T(state)`` for a summary's transition (fp32)."""
+    if kind == "matrix":
+        return jnp.einsum("bhde,bhev->bhdv", transition, state, precision=HIGHEST)
+    a = jnp.exp(transition)
+    return (a[..., None, None] if a.ndim == 2 else a[..., :, None]) * state
+
+
+def gated_summary(call: RecurrentCall, run) -> Summary:
+    """LASP summary of the gated-linear families: ``log a = Σ_t g_t`` (0 without a gate) and the final
+    state from a zero state (``run(call)`` runs the op's implementation); ``-inf`` if the shard resets."""
+    _, s_ext = run(call.replace(initial_state=None, return_state=True, post=None))
+    b, h = s_ext.shape[:2]
+    log_a = jnp.zeros((b, h), jnp.float32) if call.g is None else jnp.sum(call.g, axis=1)
+    if not call.gate_grad and call.g is not None:
+        log_a = jax.lax.stop_gradient(log_a)
+    if call.resets is not None:
+        reset = jnp.any(call.resets[:, 1:], axis=1).reshape((b,) + (1,) * (log_a.ndim - 1))
+        log_a = jnp.where(reset, -jnp.inf, log_a)
+    return Summary("decay", log_a, s_ext.astype(jnp.float32))
+
+
+# ----------------------------------------------------------------------------- shared argument specs and inputs
+
+def _gate_values(key, shape, regime: str):
+    """Log gates: ``logsigmoid(x + 2)`` ("typical"); "stress": head 0 moderate, the others extreme
+    (``logsigmoid(x)/0.01``, down to ~ -500) with a fifth exactly 0 (FAMILIES.md §5.4 rule 9)."""
+    k1, k2 = jax.random.split(key)
+    x = jax.random.normal(k1, shape, jnp.float32)
+    mild = jax.nn.log_sigmoid(x + 2.0)
+    if regime == "typical":
+        return mild
+    extreme = jnp.where(jax.random.uniform(k2, shape) < 0.2, 0.0, jax.nn.log_sigmoid(x) / 0.01)
+    head = jnp.arange(shape[2]).reshape((1, 1, -1) + (1,) * (len(shape) - 3))
+    return jnp.where(head == 0, mild, extreme)
+
+
+def recurrent_inputs(fam, key, *, batch: int = 2, seq: int = 64, heads: int = 2, dk: int = 16, dv: int = 16,
+                     dtype=jnp.float32, regime: str = "typical", l2_qk: bool = False, initial_state: bool = True):
+    """Random inputs for a recurrent family's op, built from its argument specs.
+
+    q, k ``[B, T, H, Dk]``, v ``[B, T, H, Dv]`` (``dtype``; q, k L2-normalized per head when ``l2_qk``,
+    as the delta rules need); gates from :func:`_gate_values`; per-head decays ``log(1 − 2^{−3−h})``
+    ("stress": ``[-0.05, -3, ...]``); β = σ(2x) clipped into the spec's bounds; options take their
+    ``example``; an fp32 ``initial_state`` of the family's state shape (scaled by 0.3).
+    Returns :class:`~seqmix.ops._registry.Inputs`.
+    """
+    from seqmix.ops._registry import Inputs
+
+    ks = jax.random.split(key, 5 + len(fam.args))
+    q = jax.random.normal(ks[0], (batch, seq, heads, dk), jnp.float32)
+    k = jax.random.normal(ks[1], (batch, seq, heads, dk), jnp.float32)
+    v = jax.random.normal(ks[2], (batch, seq, heads, dv), jnp.float32)
+    if l2_qk:
+        q, k = (x / jnp.linalg.norm(x, axis=-1, keepdims=True) for x in (q, k))
+    dims = {"B": batch, "T": seq, "H": heads, "Dk": dk, "Dv": dv}
+    positional, arrays, options = [], {}, {}
+    for i, arg in enumerate(fam.args):
+        kk = ks[5 + i]
+        if arg.role == "option":
+            options[arg.name] = arg.example
+            continue
+        shape = tuple(dims[s] for s in arg.shape)
+        if arg.gate is not None and arg.role == "per_head":
+            val = jnp.log1p(-(2.0 ** (-3.0 - jnp.arange(heads, dtype=jnp.float32))))
+            if regime != "typical":
+                val = jnp.array([-0.05] + [-3.0] * (heads - 1), jnp.float32)
+        elif arg.gate is not None:
+            val = _gate_values(kk, shape, regime)
+        else:
+            val = jax.nn.sigmoid(2.0 * jax.random.normal(kk, shape, jnp.float32))
+        (positional.append(val) if arg.positional else arrays.__setitem__(arg.name, val))
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    if initial_state:
+        call = fam.prepare(q, k, v, *positional, **arrays, **options)
+        spec = fam.state(call)
+        arrays["initial_state"] = 0.3 * jax.random.normal(ks[3], spec.shape, jnp.float32)
+        if dict(call.options).get("normalize"):  # the normalizer column must stay positive
+            arrays["initial_state"] = jnp.abs(arrays["initial_state"])
+    return Inputs((q, k, v, *positional), arrays, options)
+
+
+def gate_arg(kind: str, *, positional: bool = True, name: str = "g") -> "Any":
+    """The ArgSpec of a log-space gate: ``"scalar"`` ``[B, T, H]`` or ``"channel"`` ``[B, T, H, Dk]``."""
+    from seqmix.ops._registry import ArgSpec
+
+    shape = ("B", "T", "H") if kind == "scalar" else ("B", "T", "H", "Dk")
+    return ArgSpec(name, "sequence", shape, positional=positional, gate=kind)
+
+
+def beta_arg(bounds=(0.0, 2.0)):
+    """The ArgSpec of the delta rules' write strength β ``[B, T, H]``."""
+    from seqmix.ops._registry import ArgSpec
+
+    return ArgSpec("beta", "sequence", ("B", "T", "H"), positional=True, bounds=bounds)

@@ -1,10 +1,18 @@
-"""The family registry: one record per attention family and the dispatch between implementations.
+"""The family registry: one record per attention family, and dispatch between its implementations.
+
+A family's record (:class:`Family`) is the only place a per-family fact lives: its op and argument
+specs, its implementations (each with ``supports(call)`` and the evidence that backs it), its state
+structure, its decode step, its sequence-parallel strategies and summary, its Flax modules and mixer
+names, and an input factory for tests and benchmarks. A family registers itself, completely, from its
+own op file with :func:`define_family`; tests, benchmarks, compile reports, the sequence-parallel
+strategies, the layers and the capability matrix read the record.
 
 An op is a thin function that validates its arguments into a *call* (a small dataclass of arrays and
 static settings, built by the family's ``prepare``) and hands it to the implementation chosen here.
-Every implementation is a record with ``supports(call) -> None | reason`` and the platforms its tests
-cover, so automatic dispatch is fail-closed: it picks the first implementation (by declared speed
-rank) that is tested on this platform and accepts the call, else the family's XLA implementation.
+Automatic dispatch is fail-closed: it tries implementations by speed rank, takes the first whose
+evidence covers this platform (:data:`AUTO_EVIDENCE`) and that accepts the call, and otherwise runs
+the family's ``xla`` implementation ("slower, never wrong"). The platform is the *trace's* target
+(``pallas_kernels._target``), which is right under ahead-of-time lowering for a TPU topology.
 """
 
 from __future__ import annotations
@@ -13,9 +21,21 @@ import dataclasses
 import inspect
 from typing import Any, Callable
 
-import jax
+from pallas_kernels import _target
 
 Supports = Callable[[Any], "str | None"]
+
+# Evidence labels: how the conformance suite exercises an implementation (tests/conformance).
+#   cpu            run natively on this CPU machine against the reference
+#   tpu:interpret  Pallas TPU interpreter on CPU against the reference
+#   tpu:aot        ahead-of-time Mosaic compile for TPU v5e, v5p, v6e at production shapes (libtpu)
+#   gpu:interpret, gpu:aot, tpu:device, gpu:device: reserved for the GPU backend and lent devices
+EVIDENCE = ("cpu", "tpu:interpret", "tpu:aot", "gpu:interpret", "gpu:aot", "tpu:device", "gpu:device")
+# Which evidence lets automatic dispatch choose an implementation on a platform (numerics checked for it).
+AUTO_EVIDENCE = {"cpu": ("cpu",), "tpu": ("tpu:interpret", "tpu:device"), "gpu": ("gpu:device",)}
+FALLBACK = "xla"  # "slower, never wrong": the implementation automatic dispatch ends on
+KINDS = ("softmax", "recurrent")
+ROLES = ("sequence", "per_head", "option")
 
 
 def _always(call) -> str | None:
@@ -28,48 +48,148 @@ class Implementation:
 
     name: registry key (``"reference"``, ``"xla"``, ``"pallas_tpu"``, ...).
     fn: ``fn(call) -> result`` where ``call`` is the family's prepared call.
-    platforms: jax backends on which the implementation's tests run (``"cpu"``, ``"gpu"``, ``"tpu"``).
     rank: lower is faster; automatic dispatch tries implementations in increasing rank.
+    backend: None for portable jnp/XLA code; ``"tpu"`` for kernels that need a TPU target (or the CPU
+      interpreter). A named implementation whose backend cannot run for the trace's target fails loudly.
+    evidence: the conformance modes that exercise it (:data:`EVIDENCE`); the capability matrix prints them.
     supports: ``supports(call) -> None`` if it can serve the call, else a reason (str).
     auto: whether automatic dispatch may pick it (the reference never is: it is the spec).
+    describe: ``describe(call) -> str``, the settings it would use (for :func:`explain`).
     """
 
     name: str
     fn: Callable[[Any], Any]
-    platforms: tuple[str, ...]
     rank: int
+    backend: str | None = None
+    evidence: tuple[str, ...] = ("cpu",)
     supports: Supports = _always
     auto: bool = True
     describe: Callable[[Any], str] | None = None
 
+    def __post_init__(self):
+        unknown = [e for e in self.evidence if e not in EVIDENCE]
+        if unknown:
+            raise ValueError(f"implementation {self.name!r}: unknown evidence {unknown}; known: {list(EVIDENCE)}")
+
+    def tested_for(self, platform: str) -> bool:
+        return any(e in AUTO_EVIDENCE.get(platform, ()) for e in self.evidence)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArgSpec:
+    """One argument of a family's op besides q, k, v.
+
+    role: ``"sequence"`` (an array with time on axis 1), ``"per_head"`` (an array ``[H]``) or
+      ``"option"`` (a static Python value).
+    shape: symbolic layout relative to q (``("B", "T", "H")``, ``("B", "T", "H", "Dk")``, ``("H",)``).
+    positional: passed positionally after (q, k, v) (else by keyword).
+    gate: ``"scalar"`` or ``"channel"`` for a log-space decay (``<= 0``); None otherwise.
+    bounds: the closed interval the values lie in, e.g. β in ``(0, 2)``.
+    differentiable: whether the op passes a gradient to it (retention's decay does not).
+    example: an option's typical value (input factories use it).
+    """
+
+    name: str
+    role: str
+    shape: tuple[str, ...] = ()
+    positional: bool = False
+    gate: str | None = None
+    bounds: tuple[float, float] | None = None
+    differentiable: bool = True
+    example: Any = None
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"ArgSpec {self.name!r}: role must be one of {ROLES}; got {self.role!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """Arguments for one call of a family's op: ``op(*args, **arrays, **options)``.
+
+    args: positional arrays (q, k, v, then the positional arguments); arrays: keyword arrays
+    (``decay``, ``initial_state``, ``sink_logits`` ...); options: static keyword values.
+    """
+
+    args: tuple
+    arrays: dict
+    options: dict
+
+    def call(self, op, **extra):
+        return op(*self.args, **self.arrays, **self.options, **extra)
+
 
 @dataclasses.dataclass
 class Family:
-    """A registered attention family: its op, prepare step and implementations."""
+    """Everything seqmix knows about one attention family (see the module docstring).
+
+    kind: ``"softmax"`` (returns ``o`` or ``(o, lse)``) or ``"recurrent"`` (``o`` or ``(o, state)``).
+    prepare: ``prepare(*args, **kwargs) -> call``; validates the op's arguments.
+    args: the op's arguments besides q, k, v (:class:`ArgSpec`).
+    state: ``state(call) -> pytree of jax.ShapeDtypeStruct``, the recurrent state (None for softmax).
+    decode: the decode step, ``decode(q_t, k_t, v_t, state, **per-token arguments by the op's names,
+      **options) -> (o_t, state)`` (None when decoding goes through a KV cache; ``decode_doc`` says how).
+    sequence_parallel: names of the ``seqmix.parallel`` strategies that serve it.
+    sp_summary: ``sp_summary(call, run) -> Summary`` for LASP (recurrent families; ``run(call)`` runs
+      the op's chosen implementation on a prepared call).
+    modules: Flax modules built on the op (``"seqmix.nn.GatedLinearAttention"``).
+    mixers: mixer name -> import path of the module file that registers its factory.
+    make_inputs: ``make_inputs(key, *, batch, seq, heads, dk, dv, dtype, regime) -> Inputs``.
+    """
 
     name: str
+    kind: str
     prepare: Callable[..., Any]
     summary: str = ""
+    args: tuple[ArgSpec, ...] = ()
+    state: Callable[[Any], Any] | None = None
+    decode: Callable | None = None
+    decode_doc: str = ""
+    sequence_parallel: tuple[str, ...] = ()
+    sp_summary: Callable | None = None
+    modules: tuple[str, ...] = ()
+    mixers: dict[str, str] = dataclasses.field(default_factory=dict)
+    make_inputs: Callable | None = None
     implementations: dict[str, Implementation] = dataclasses.field(default_factory=dict)
-    decode: str | None = None  # name of the decode entry point (documentation / capability matrix)
-    parallel: dict[str, Callable] = dataclasses.field(default_factory=dict)  # strategy name -> fn
-    modules: tuple[str, ...] = ()  # seqmix.nn modules built on the op
     op: Callable | None = None
+
+    @property
+    def positional(self) -> tuple[str, ...]:
+        """Names of the op's positional arguments after (q, k, v)."""
+        return tuple(a.name for a in self.args if a.positional)
+
+    @property
+    def per_token(self) -> tuple[ArgSpec, ...]:
+        """The arguments with time on axis 1 (sliced per token when decoding, sharded under SP)."""
+        return tuple(a for a in self.args if a.role == "sequence")
+
+    def arg(self, name: str) -> ArgSpec:
+        for a in self.args:
+            if a.name == name:
+                return a
+        raise KeyError(f"{self.name}: no argument {name!r}")
+
+    def run(self, impl, call):
+        """Run a prepared call on the implementation ``impl`` would choose."""
+        chosen, _ = resolve(self.name, impl, call)
+        return chosen.fn(call)
 
 
 FAMILIES: dict[str, Family] = {}
 
-FALLBACK = "xla"  # "slower, never wrong": the implementation automatic dispatch ends on
 
-
-def register_family(name: str, prepare: Callable[..., Any], *, summary: str = "",
-                    decode: str | None = None) -> Family:
-    """Declare a family. ``prepare(*args, **kwargs)`` validates the op's arguments into a call."""
-    if name in FAMILIES:
-        raise ValueError(f"family {name!r} is already registered")
-    family = Family(name=name, prepare=prepare, summary=summary, decode=decode)
-    FAMILIES[name] = family
+def register_family(family: Family) -> Family:
+    if family.name in FAMILIES:
+        raise ValueError(f"family {family.name!r} is already registered")
+    if family.kind not in KINDS:
+        raise ValueError(f"family {family.name!r}: kind must be one of {KINDS}; got {family.kind!r}")
+    FAMILIES[family.name] = family
     return family
+
+
+def unregister_family(name: str) -> None:
+    """Remove a family (tests that define a toy family clean up with it)."""
+    FAMILIES.pop(name, None)
 
 
 def register_implementation(family: str, impl: Implementation) -> Implementation:
@@ -80,16 +200,6 @@ def register_implementation(family: str, impl: Implementation) -> Implementation
     return impl
 
 
-def register_parallel(family: str, strategy: str, fn: Callable) -> None:
-    get_family(family).parallel[strategy] = fn
-
-
-def register_module(family: str, module_name: str) -> None:
-    fam = get_family(family)
-    if module_name not in fam.modules:
-        fam.modules = fam.modules + (module_name,)
-
-
 def get_family(name: str) -> Family:
     try:
         return FAMILIES[name]
@@ -98,13 +208,15 @@ def get_family(name: str) -> Family:
 
 
 def current_platform() -> str:
-    return jax.default_backend()
+    """The platform the current trace compiles for (``"cpu"``, ``"gpu"``, ``"tpu"``)."""
+    return _target.platform()
 
 
 def _candidates(fam: Family, impl) -> tuple[list[str], bool]:
     """Implementation names to try and whether the choice is automatic."""
     if impl is None:
-        auto = sorted((i for i in fam.implementations.values() if i.auto), key=lambda i: i.rank)
+        auto = sorted((i for i in fam.implementations.values() if i.auto and i.name != FALLBACK),
+                      key=lambda i: i.rank)
         return [i.name for i in auto], True
     names = [impl] if isinstance(impl, str) else list(impl)
     if not names or not all(isinstance(n, str) for n in names):
@@ -117,8 +229,13 @@ def _candidates(fam: Family, impl) -> tuple[list[str], bool]:
 
 def _reason(fam: Family, name: str, call, platform: str, automatic: bool) -> str | None:
     impl = fam.implementations[name]
-    if automatic and platform not in impl.platforms:
-        return f"not tested on platform {platform!r} (tested on {', '.join(impl.platforms)})"
+    if impl.backend is not None:
+        problem = _target.backend_problem(impl.backend)
+        if problem:
+            return problem
+    if automatic and not impl.tested_for(platform):
+        return (f"no conformance evidence for platform {platform!r} (evidence: {', '.join(impl.evidence)}; "
+                f"automatic dispatch needs one of {', '.join(AUTO_EVIDENCE.get(platform, ()))})")
     return impl.supports(call)
 
 
@@ -140,6 +257,7 @@ def resolve(family: str, impl, call) -> tuple[Implementation, list[tuple[str, st
         reason = fam.implementations[FALLBACK].supports(call)
         if reason is None:
             return fam.implementations[FALLBACK], skipped
+        skipped.append((FALLBACK, reason))
     detail = "; ".join(f"{n}: {r}" for n, r in skipped)
     raise NotImplementedError(f"{family}: no implementation can serve this call ({detail})")
 
@@ -149,40 +267,42 @@ def dispatch(family: str, impl, call):
     return chosen.fn(call)
 
 
-def make_op(family: str) -> Callable:
-    """The op entry point for ``family``: prepare (validate) then dispatch."""
-    fam = get_family(family)
+def _make_op(fam: Family) -> Callable:
+    """The op entry point for ``fam``: prepare (validate) then dispatch."""
+    from seqmix.ops import _debug
 
     def op(*args, impl=None, **kwargs):
         call = fam.prepare(*args, **kwargs)
-        return dispatch(family, impl, call)
+        _debug.check_call(fam, call)
+        return dispatch(fam.name, impl, call)
 
-    op.__name__ = family
-    op.__qualname__ = family
+    op.__name__ = fam.name
+    op.__qualname__ = fam.name
     op.__doc__ = fam.prepare.__doc__ if not fam.summary else f"{fam.summary}\n\n{fam.prepare.__doc__ or ''}"
     sig = inspect.signature(fam.prepare)
     params = list(sig.parameters.values()) + [inspect.Parameter("impl", inspect.Parameter.KEYWORD_ONLY, default=None)]
     op.__signature__ = sig.replace(parameters=params, return_annotation=inspect.Signature.empty)
-    op.family = family
+    op.family = fam.name
     fam.op = op
     return op
 
 
-ALL_PLATFORMS = ("cpu", "gpu", "tpu")
-
-
-def define_family(name: str, prepare: Callable[..., Any], *, summary: str, decode: str,
+def define_family(name: str, *, kind: str, prepare: Callable[..., Any], summary: str,
                   reference: Callable[[Any], Any], xla: Callable[[Any], Any],
-                  describe: Callable[[Any], str] | None = None) -> Callable:
-    """Register a family with its two portable implementations and return its op.
+                  describe: Callable[[Any], str] | None = None, kernels: tuple[Implementation, ...] = (),
+                  **record) -> Callable:
+    """Register a family, completely, and return its op.
 
     ``reference`` (the spec; never chosen automatically) and ``xla`` (the "slower, never wrong"
-    fallback) run everywhere. Accelerator kernels add themselves with :func:`register_implementation`.
+    fallback) run everywhere; ``kernels`` are backend implementations (e.g. ``pallas_tpu``) built by the
+    backend glue in ``seqmix/ops/<backend>/``. ``record`` holds the remaining :class:`Family` fields.
     """
-    register_family(name, prepare, summary=summary, decode=decode)
-    register_implementation(name, Implementation("reference", reference, ALL_PLATFORMS, rank=1000, auto=False))
-    register_implementation(name, Implementation("xla", xla, ALL_PLATFORMS, rank=100, describe=describe))
-    return make_op(name)
+    fam = register_family(Family(name=name, kind=kind, prepare=prepare, summary=summary, **record))
+    register_implementation(name, Implementation("reference", reference, rank=1000, auto=False))
+    register_implementation(name, Implementation("xla", xla, rank=100, describe=describe))
+    for impl in kernels:
+        register_implementation(name, impl)
+    return _make_op(fam)
 
 
 def explain(op, *args, impl=None, **kwargs) -> str:
@@ -190,8 +310,9 @@ def explain(op, *args, impl=None, **kwargs) -> str:
     family = getattr(op, "family", op)
     fam = get_family(family)
     call = fam.prepare(*args, **kwargs)
-    platform = current_platform()
-    lines = [f"{family} on {platform}:"]
+    target = _target.current()
+    where = f"{target.platform}" + (f" ({target.device_kind}, ahead of time)" if target.ahead_of_time else "")
+    lines = [f"{family} on {where}:"]
     try:
         chosen, skipped = resolve(family, impl, call)
     except NotImplementedError as err:
@@ -200,33 +321,4 @@ def explain(op, *args, impl=None, **kwargs) -> str:
         lines.append(f"  skip {name}: {reason}")
     extra = f" ({chosen.describe(call)})" if chosen.describe else ""
     lines.append(f"  run  {chosen.name}{extra}")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- capability matrix
-
-MATRIX_COLUMNS = ("reference", "xla", "pallas_tpu", "pallas_gpu", "decode", "sequence parallel", "module")
-
-
-def capability_rows() -> list[dict[str, str]]:
-    """One row per family: which implementations exist (and on which platforms), decode, SP, modules."""
-    rows = []
-    for name in sorted(FAMILIES):
-        fam = FAMILIES[name]
-        row = {"family": name}
-        for col in ("reference", "xla", "pallas_tpu", "pallas_gpu"):
-            impl = fam.implementations.get(col)
-            row[col] = "/".join(impl.platforms) if impl else "-"
-        row["decode"] = fam.decode or "-"
-        row["sequence parallel"] = ", ".join(sorted(fam.parallel)) or "-"
-        row["module"] = ", ".join(fam.modules) or "-"
-        rows.append(row)
-    return rows
-
-
-def capability_markdown() -> str:
-    header = ("family",) + MATRIX_COLUMNS
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in capability_rows():
-        lines.append("| " + " | ".join(f"`{row['family']}`" if c == "family" else row[c] for c in header) + " |")
     return "\n".join(lines)

@@ -16,7 +16,10 @@ concrete input. ``segment_ids`` reset the state to 0 where the segment changes.
 
 from __future__ import annotations
 
+import functools
+
 from seqmix.ops import _delta_chunk, _recurrent, _registry
+from seqmix.ops.tpu import recurrent as tpu_recurrent
 from seqmix.ops._recurrent import RecurrentCall
 
 BETA_RANGE = (0.0, 2.0)
@@ -47,13 +50,19 @@ def delta_rule_xla(call: RecurrentCall):
     return _delta_chunk.xla_impl(call)
 
 
-def delta_rule_step(q_t, k_t, v_t, state, *, beta_t, scale=None):
-    """Decode one token: q_t, k_t ``[B, H, Dk]``, v_t ``[B, H, Dv]``, beta_t ``[B, H]``, state fp32
-    ``[B, H, Dk, Dv]`` (None = zeros). Returns ``(o_t [B, H, Dv], state)``; iterating it equals the op."""
-    return _delta_chunk.decode_step(q_t, k_t, v_t, state, beta_t=beta_t, scale=scale, gated=False)
+def delta_rule_step(q_t, k_t, v_t, state, *, beta, scale=None):
+    """Decode one token: q_t, k_t ``[B, H, Dk]``, v_t ``[B, H, Dv]``, this token's beta ``[B, H]``, state
+    fp32 ``[B, H, Dk, Dv]`` (None = zeros). Returns ``(o_t [B, H, Dv], state)``; iterating it equals the op."""
+    return _delta_chunk.decode_step(q_t, k_t, v_t, state, beta_t=beta, scale=scale, gated=False)
 
 
 delta_rule = _registry.define_family(
-    "delta_rule", prepare_delta_rule, decode="delta_rule_step (recurrent state)",
+    "delta_rule", kind="recurrent", prepare=prepare_delta_rule,
     summary="DeltaNet: delta-rule fast weights S_t = (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ.",
-    reference=delta_rule_reference, xla=delta_rule_xla, describe=_delta_chunk.describe)
+    reference=delta_rule_reference, xla=delta_rule_xla, describe=_delta_chunk.describe,
+    kernels=(tpu_recurrent.delta(),),
+    args=(_recurrent.beta_arg(BETA_RANGE),),
+    state=_recurrent.state_spec, decode=delta_rule_step, decode_doc="delta_rule_step (recurrent state)",
+    sequence_parallel=("lasp2", "lasp1"), sp_summary=_delta_chunk.summary,
+    modules=("seqmix.nn.DeltaNet",), mixers={"deltanet": "seqmix.nn.delta_net"},
+    make_inputs=functools.partial(_recurrent.recurrent_inputs, l2_qk=True))

@@ -17,7 +17,10 @@ g = −inf (a full forget) is allowed.
 
 from __future__ import annotations
 
+import functools
+
 from seqmix.ops import _delta_chunk, _recurrent, _registry
+from seqmix.ops.tpu import recurrent as tpu_recurrent
 from seqmix.ops._recurrent import RecurrentCall
 
 BETA_RANGE = (0.0, 2.0)
@@ -51,13 +54,20 @@ def gated_delta_rule_xla(call: RecurrentCall):
     return _delta_chunk.xla_impl(call)
 
 
-def gated_delta_rule_step(q_t, k_t, v_t, state, *, beta_t, g_t, scale=None):
-    """Decode one token: q_t, k_t ``[B, H, Dk]``, v_t ``[B, H, Dv]``, beta_t, g_t ``[B, H]``, state fp32
-    ``[B, H, Dk, Dv]`` (None = zeros). Returns ``(o_t [B, H, Dv], state)``; iterating it equals the op."""
-    return _delta_chunk.decode_step(q_t, k_t, v_t, state, beta_t=beta_t, g_t=g_t, scale=scale, gated=True)
+def gated_delta_rule_step(q_t, k_t, v_t, state, *, g, beta, scale=None):
+    """Decode one token: q_t, k_t ``[B, H, Dk]``, v_t ``[B, H, Dv]``, this token's g and beta ``[B, H]``,
+    state fp32 ``[B, H, Dk, Dv]`` (None = zeros). Returns ``(o_t [B, H, Dv], state)``; iterating it equals
+    the op."""
+    return _delta_chunk.decode_step(q_t, k_t, v_t, state, beta_t=beta, g_t=g, scale=scale, gated=True)
 
 
 gated_delta_rule = _registry.define_family(
-    "gated_delta_rule", prepare_gated_delta_rule, decode="gated_delta_rule_step (recurrent state)",
+    "gated_delta_rule", kind="recurrent", prepare=prepare_gated_delta_rule,
     summary="Gated DeltaNet: S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ with α_t = exp(g_t).",
-    reference=gated_delta_rule_reference, xla=gated_delta_rule_xla, describe=_delta_chunk.describe)
+    reference=gated_delta_rule_reference, xla=gated_delta_rule_xla, describe=_delta_chunk.describe,
+    kernels=(tpu_recurrent.delta(),),
+    args=(_recurrent.gate_arg("scalar"), _recurrent.beta_arg(BETA_RANGE)),
+    state=_recurrent.state_spec, decode=gated_delta_rule_step, decode_doc="gated_delta_rule_step (recurrent state)",
+    sequence_parallel=("lasp2", "lasp1"), sp_summary=_delta_chunk.summary,
+    modules=("seqmix.nn.GatedDeltaNet",), mixers={"gdn": "seqmix.nn.delta_net"},
+    make_inputs=functools.partial(_recurrent.recurrent_inputs, l2_qk=True))

@@ -36,8 +36,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from seqmix.ops import _checks, _gated_chunk, _registry
+from seqmix.ops import _checks, _gated_chunk, _recurrent, _registry
 from seqmix.ops._recurrent import RecurrentCall, prepare_recurrent, scan_reference
+from seqmix.ops.tpu import recurrent as tpu_recurrent
 
 HIGHEST = jax.lax.Precision.HIGHEST
 FEATURE_MAPS = ("identity", "elu", "relu", "taylor")
@@ -125,13 +126,12 @@ def prepare_linear_attention(q, k, v, *, feature_map="identity", normalize=False
         v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
     options = (("feature_map", kind), ("normalize", normalize), ("eps", eps))
     return prepare_recurrent(fq, fk, v, scale=scale, initial_state=initial_state, return_state=return_state,
-                             segment_ids=segment_ids, chunk_size=chunk_size, options=options)
+                             segment_ids=segment_ids, chunk_size=chunk_size, options=options,
+                             post=_normalized if normalize else None)
 
 
 def _normalized(call: RecurrentCall, o):
-    """Divide by the normalizer column when ``normalize=True`` (fp32)."""
-    if not call.option("normalize"):
-        return o
+    """Divide by the normalizer column (the call's ``post`` with ``normalize=True``; fp32)."""
     return o[..., :-1] / (o[..., -1:] + call.option("eps"))
 
 
@@ -147,13 +147,13 @@ def _recurrence(state, x):
 def linear_attention_reference(call: RecurrentCall):
     """fp32 token loop (the spec)."""
     o, final = scan_reference(call, _recurrence)
-    return call.finish(_normalized(call, o), final)
+    return call.finish(o, final)
 
 
 def linear_attention_xla(call: RecurrentCall):
     """Chunkwise-parallel form (FAMILIES.md §2.6 with all gates 0), custom VJP."""
     o, final = _gated_chunk.chunked_call(call)
-    return call.finish(_normalized(call, o), final)
+    return call.finish(o, final)
 
 
 def linear_attention_step(q_t, k_t, v_t, state, *, feature_map="identity", normalize=False, eps=1e-6,
@@ -182,7 +182,17 @@ def linear_attention_step(q_t, k_t, v_t, state, *, feature_map="identity", norma
 # ----------------------------------------------------------------------------- registration
 
 linear_attention = _registry.define_family(
-    "linear_attention", prepare_linear_attention, decode="linear_attention_step",
+    "linear_attention", kind="recurrent", prepare=prepare_linear_attention,
     summary="Linear attention S_t = S_{t-1} + φ(k_t)v_tᵀ with feature maps (identity, elu+1, relu, Based "
             "Taylor, callable) and an optional normalizer.",
-    reference=linear_attention_reference, xla=linear_attention_xla, describe=_gated_chunk.describe)
+    reference=linear_attention_reference, xla=linear_attention_xla, describe=_gated_chunk.describe,
+    kernels=(tpu_recurrent.gated_linear(),),
+    args=(_registry.ArgSpec("feature_map", "option", example="elu"),
+          _registry.ArgSpec("normalize", "option", example=True),
+          _registry.ArgSpec("eps", "option", example=1e-6)),
+    state=_recurrent.state_spec, decode=linear_attention_step, decode_doc="linear_attention_step (recurrent state)",
+    sequence_parallel=("lasp2", "lasp1"), sp_summary=_recurrent.gated_summary,
+    modules=("seqmix.nn.LinearAttention", "seqmix.nn.Based"),
+    mixers={"linear": "seqmix.nn.linear_attention", "hedgehog": "seqmix.nn.linear_attention",
+            "based": "seqmix.nn.based"},
+    make_inputs=_recurrent.recurrent_inputs)

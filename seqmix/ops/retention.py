@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqmix.ops import _checks, _gated_chunk, _registry
+from seqmix.ops import _checks, _gated_chunk, _recurrent, _registry
 from seqmix.ops._recurrent import RecurrentCall, prepare_recurrent, scan_reference
+from seqmix.ops.tpu import recurrent as tpu_recurrent
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -68,7 +69,8 @@ def prepare_retention(q, k, v, *, decay, scale=None, initial_state=None, return_
     _checks.require_rank("q", q, 4, "[batch, seq, heads, head_dim]")
     decay = jax.lax.stop_gradient(_check_decay(decay, q.shape[2]))
     return prepare_recurrent(q, k, v, scale=scale, initial_state=initial_state, return_state=return_state,
-                             segment_ids=segment_ids, chunk_size=chunk_size, g=decay, g_kinds=("head",))
+                             segment_ids=segment_ids, chunk_size=chunk_size, g=decay, g_kinds=("head",),
+                             gate_grad=False)
 
 
 def _recurrence(state, x):
@@ -99,6 +101,12 @@ def retention_step(q_t, k_t, v_t, state, *, decay, scale=None):
 
 
 retention = _registry.define_family(
-    "retention", prepare_retention, decode="retention_step",
+    "retention", kind="recurrent", prepare=prepare_retention,
     summary="Retention (RetNet, Lightning): S_t = γ_h S_{t-1} + k_t v_tᵀ with a fixed per-head decay.",
-    reference=retention_reference, xla=retention_xla, describe=_gated_chunk.describe)
+    reference=retention_reference, xla=retention_xla, describe=_gated_chunk.describe,
+    kernels=(tpu_recurrent.gated_linear(),),
+    args=(_registry.ArgSpec("decay", "per_head", ("H",), gate="scalar", differentiable=False),),
+    state=_recurrent.state_spec, decode=retention_step, decode_doc="retention_step (recurrent state)",
+    sequence_parallel=("lasp2", "lasp1"), sp_summary=_recurrent.gated_summary,
+    modules=("seqmix.nn.Retention",), mixers={"retnet": "seqmix.nn.retention"},
+    make_inputs=_recurrent.recurrent_inputs)

@@ -17,8 +17,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from seqmix.ops import _checks, _gated_chunk, _registry
+from seqmix.ops import _checks, _gated_chunk, _recurrent, _registry
 from seqmix.ops._recurrent import RecurrentCall, prepare_recurrent, scan_reference
+from seqmix.ops.tpu import recurrent as tpu_recurrent
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -49,16 +50,23 @@ def simple_gla_xla(call: RecurrentCall):
     return call.finish(o, final)
 
 
-def simple_gla_step(q_t, k_t, v_t, state, *, g_t, scale=None):
-    """One decode token: ``(o_t [B, H, Dv] (q_t's dtype), state fp32 [B, H, Dk, Dv])``; g_t ``[B, H]``."""
+def simple_gla_step(q_t, k_t, v_t, state, *, g, scale=None):
+    """One decode token: ``(o_t [B, H, Dv] (q_t's dtype), state fp32 [B, H, Dk, Dv])``; g ``[B, H]``
+    (this token's log decay)."""
     q, k, v, s, _ = _gated_chunk.step_inputs(q_t, k_t, v_t, state, scale, "simple_gla_step")
-    _checks.require_float("g_t", g_t)
-    _checks.require_shape("g_t", g_t, q.shape[:2], "[batch, heads], log decay")
-    s, o = _recurrence(s, {"q": q, "k": k, "v": v, "g": jnp.asarray(g_t, jnp.float32)})
+    _checks.require_float("g", g)
+    _checks.require_shape("g", g, q.shape[:2], "[batch, heads], log decay")
+    s, o = _recurrence(s, {"q": q, "k": k, "v": v, "g": jnp.asarray(g, jnp.float32)})
     return o.astype(q_t.dtype), s
 
 
 simple_gla = _registry.define_family(
-    "simple_gla", prepare_simple_gla, decode="simple_gla_step",
+    "simple_gla", kind="recurrent", prepare=prepare_simple_gla,
     summary="Simple GLA / Mamba-2 SSD: S_t = exp(g_t) S_{t-1} + k_t v_tᵀ with a scalar log gate per head and token.",
-    reference=simple_gla_reference, xla=simple_gla_xla, describe=_gated_chunk.describe)
+    reference=simple_gla_reference, xla=simple_gla_xla, describe=_gated_chunk.describe,
+    kernels=(tpu_recurrent.gated_linear(),),
+    args=(_recurrent.gate_arg("scalar"),),
+    state=_recurrent.state_spec, decode=simple_gla_step, decode_doc="simple_gla_step (recurrent state)",
+    sequence_parallel=("lasp2", "lasp1"), sp_summary=_recurrent.gated_summary,
+    modules=("seqmix.nn.SimpleGLA",), mixers={"simple_gla": "seqmix.nn.gla"},
+    make_inputs=_recurrent.recurrent_inputs)

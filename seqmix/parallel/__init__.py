@@ -28,14 +28,11 @@ mesh's data/fsdp axes) and undo the permutation.
 JAX note: the single-device ops are not typed for ``shard_map``'s varying-value checks, so strategies
 run under ``jax.shard_map(..., check_vma=False)``.
 
-Import order: this package registers its strategies in the capability matrix for the families
-registered when it is imported (``seqmix.ops`` and the recurrent op modules first).
+Which strategies serve a family is a fact of its record (``Family.sequence_parallel``);
+:mod:`~seqmix.parallel.strategies` is the one table of strategy names and functions.
 """
 
 from __future__ import annotations
-
-import importlib
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -53,47 +50,8 @@ from seqmix.parallel.layout import (inverse_permutation, permute, permute_inputs
                                     unpermute, zigzag_permutation)
 from seqmix.parallel.mesh import AXES, make_mesh
 from seqmix.parallel.ring import ring_attention
+from seqmix.parallel.strategies import (RECURRENT_STRATEGIES, SOFTMAX_STRATEGIES, for_family, lasp2h)
 from seqmix.parallel.ulysses import ulysses_attention
-
-SOFTMAX_STRATEGIES: dict[str, Callable] = {
-    "ring": ring_attention,
-    "ulysses": ulysses_attention,
-    "allgather": allgather_attention,
-}
-RECURRENT_STRATEGIES: dict[str, Callable] = {"lasp2": lasp2, "lasp1": lasp1}
-
-# Make sure the recurrent families shipped with seqmix are registered before we fill the matrix.
-for _mod in ("linear_attention", "retention", "simple_gla", "gla", "delta_rule", "gated_delta_rule"):
-    try:
-        importlib.import_module(f"seqmix.ops.{_mod}")
-    except ImportError:  # a family not present in this build
-        pass
-
-
-def _register() -> None:
-    for name, fn in SOFTMAX_STRATEGIES.items():
-        _registry.register_parallel("attention", name, fn)
-    from seqmix.parallel import lasp as _lasp
-
-    _lasp.register_families()
-
-
-_register()
-
-
-def lasp2h(family: str) -> Callable:
-    """The LASP-2H strategy for a layer of ``family``: all-gather KV for ``attention``, LASP-2 otherwise.
-
-    The returned function takes local shards and ``axis_name`` like the strategy it names; for a
-    recurrent family it is ``lasp2`` with the family bound.
-    """
-    if family == "attention":
-        return allgather_attention
-    fam = _registry.get_family(family)
-    if "lasp2" not in fam.parallel:
-        raise ValueError(f"family {family!r} has no LASP-2 strategy; families with one: "
-                         f"{sorted(n for n, f in _registry.FAMILIES.items() if 'lasp2' in f.parallel)}")
-    return fam.parallel["lasp2"]
 
 
 # ----------------------------------------------------------------------------- global-array wrappers
@@ -122,15 +80,17 @@ def _seq_len_check(n, p, axis, what):
 
 
 def sequence_parallel_attention(q, k, v, *, mesh, axis: str = "seq", strategy: str = "ring", layout=None,
-                                mask=None, segment_ids=None, sink_logits=None, soft_cap=None, scale=None,
-                                impl=None, return_lse=False, batch_axes="auto", **strategy_kwargs):
+                                mask=None, segment_ids=None, positions=None, sink_logits=None, soft_cap=None,
+                                scale=None, impl=None, return_lse=False, batch_axes="auto", **strategy_kwargs):
     """:func:`seqmix.ops.attention` on global arrays, sequence-parallel over ``mesh`` axis ``axis``.
 
     q ``[B, T, Hq, D]``, k/v ``[B, S, Hkv, ·]``, segment_ids ``[B, T]`` (self-attention) or None;
     ``strategy`` in ``"ring" | "ulysses" | "allgather"``; ``layout`` in ``None | "zigzag" | "striped"``
-    (a one-time permutation, undone on the outputs; needs T == S). Positions are the op's defaults
-    (``arange``; bottom-right aligned queries when T < S). The batch is sharded over ``batch_axes``
-    (default: the mesh's data/fsdp axes of size > 1). Returns what the op returns, in the original order.
+    (a one-time permutation, undone on the outputs; needs T == S). ``positions`` int ``[T]`` are the
+    tokens' global positions for self-attention (default ``arange``; bottom-right aligned queries when
+    T < S). The batch is sharded over ``batch_axes`` (default: the mesh's data/fsdp axes of size > 1).
+    Returns what the op returns, in the original order. This is the one global-array wrapper: the
+    layers' :class:`SequenceParallel` calls it.
     """
     if strategy not in SOFTMAX_STRATEGIES:
         raise ValueError(f"strategy must be one of {sorted(SOFTMAX_STRATEGIES)}; got {strategy!r}")
@@ -141,22 +101,22 @@ def sequence_parallel_attention(q, k, v, *, mesh, axis: str = "seq", strategy: s
     p = mesh_lib.axis_size(mesh, axis)
     _seq_len_check(t, p, axis, "q")
     _seq_len_check(s, p, axis, "k/v")
-    if layout is not None and t != s:
-        raise ValueError(f"layout={layout!r} needs q and k of one length (self-attention); got T={t}, S={s}")
-    if segment_ids is not None and t != s:
-        raise ValueError("segment_ids [B, T] needs T == S; cross-attention with segments is not supported here")
+    self_attn = t == s
+    if (layout is not None or segment_ids is not None or positions is not None) and not self_attn:
+        raise ValueError(f"layout, segment_ids and positions need q and k of one length (self-attention); "
+                         f"got T={t}, S={s}")
     perm = layout_lib.permutation(layout, t, p)
-    q_pos = jnp.arange(t, dtype=jnp.int32) + (s - t)
-    kv_pos = jnp.arange(s, dtype=jnp.int32)
-    seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
-    rel = None
-    if seg is not None and mask_uses_rel(mask):
-        rel = masks_lib.segment_relative(kv_pos, seg)  # global, before the permutation
-    if layout is not None:
-        q, k, v = (permute(x, perm) for x in (q, k, v))
-        q_pos = kv_pos = jnp.asarray(perm)
-        seg = None if seg is None else permute(seg, perm)
-        rel = None if rel is None else permute(rel, perm)
+    if self_attn:
+        pi = layout_lib.permute_inputs(perm, segment_ids=segment_ids, positions=positions,
+                                       **({} if layout is None else {"q": q, "k": k, "v": v}))
+        if layout is not None:
+            q, k, v = pi["q"], pi["k"], pi["v"]
+        q_pos = kv_pos = pi["positions"]
+        seg = pi["segment_ids"]
+        rel = jnp.broadcast_to(pi["relative_positions"], (b, t)) if seg is not None and mask_uses_rel(mask) else None
+    else:
+        q_pos, kv_pos = jnp.arange(t, dtype=jnp.int32) + (s - t), jnp.arange(s, dtype=jnp.int32)
+        seg = rel = None
     bax = _batch_axes(mesh, axis, batch_axes, b)
     x_spec = PS(bax, axis)
     args = {"q": q, "k": k, "v": v, "q_positions": q_pos, "kv_positions": kv_pos}
@@ -167,8 +127,7 @@ def sequence_parallel_attention(q, k, v, *, mesh, axis: str = "seq", strategy: s
         args["relative_positions"], specs["relative_positions"] = (rel, rel), (x_spec, x_spec)
     if sink_logits is not None:
         args["sink_logits"], specs["sink_logits"] = sink_logits, PS()
-
-    if t == s:  # self-attention: one position array serves q and kv
+    if self_attn:  # one position array serves q and kv
         del args["kv_positions"], specs["kv_positions"]
 
     def local(kw):
@@ -199,12 +158,13 @@ def sequence_parallel_recurrent(family: str, q, k, v, *args, mesh, axis: str = "
     if strategy not in RECURRENT_STRATEGIES:
         raise ValueError(f"strategy must be one of {sorted(RECURRENT_STRATEGIES)}; got {strategy!r}")
     fn = RECURRENT_STRATEGIES[strategy]
+    per_head = {a.name for a in _registry.get_family(family).args if a.role == "per_head"}
     b, t = q.shape[:2]
     p = mesh_lib.axis_size(mesh, axis)
     _seq_len_check(t, p, axis, "q")
     bax = _batch_axes(mesh, axis, batch_axes, b)
-    seq_spec = lambda x: PS(bax, axis) if jnp.ndim(x) >= 2 else PS()  # noqa: E731
-    in_specs = [PS(bax, axis)] * 3 + [seq_spec(a) for a in args]
+    positional = _registry.get_family(family).positional
+    in_specs = [PS(bax, axis)] * 3 + [PS() if name in per_head else PS(bax, axis) for name in positional[:len(args)]]
     inputs = [q, k, v, *args]
     extra = {}
     if segment_ids is not None:
@@ -227,7 +187,7 @@ def sequence_parallel_recurrent(family: str, q, k, v, *args, mesh, axis: str = "
 from seqmix.parallel.config import SequenceParallel  # noqa: E402  (needs the wrappers above)
 
 __all__ = [
-    "AXES", "RECURRENT_STRATEGIES", "SOFTMAX_STRATEGIES", "SequenceParallel", "allgather_attention",
+    "AXES", "RECURRENT_STRATEGIES", "SOFTMAX_STRATEGIES", "SequenceParallel", "allgather_attention", "for_family",
     "inverse_permutation", "lasp1",
     "lasp2", "lasp2h", "layout", "make_mesh", "mesh", "permute", "permute_inputs", "ring_attention",
     "sequence_parallel_attention", "sequence_parallel_recurrent", "striped_permutation", "ulysses_attention",

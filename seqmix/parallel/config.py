@@ -24,18 +24,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as PS
 
-from seqmix.ops import masks as masks_lib
 from seqmix.parallel import layout as layout_lib
 from seqmix.parallel import mesh as mesh_lib
-from seqmix.parallel._common import mask_uses_rel
+from seqmix.parallel.strategies import RECURRENT_STRATEGY_NAMES, SOFTMAX_STRATEGY_NAMES
 
-SOFTMAX_STRATEGY_NAMES = ("allgather", "ring", "ulysses")
-RECURRENT_STRATEGY_NAMES = ("lasp2", "lasp1")
 LAYOUT_NAMES = (None, "zigzag", "striped")
 
 
@@ -89,11 +83,6 @@ class SequenceParallel:
         if self.layout is not None:
             layout_lib.permutation(self.layout, seq_len, p)  # raises with the layout's condition
 
-    def _bax(self, b: int):
-        from seqmix.parallel import _batch_axes
-
-        return _batch_axes(self.mesh, self.axis, self.batch_axes, b)
-
     # ------------------------------------------------------------------ softmax layers
 
     def attention(self, q, k, v, *, positions, segment_ids=None, mask=None, sink_logits=None, soft_cap=None,
@@ -101,39 +90,13 @@ class SequenceParallel:
         """Self-attention on global q ``[B, T, Hq, D]``, k/v ``[B, T, Hkv, ·]`` with global ``positions``
         int ``[T]`` (the mask reads them); same result as ``seqmix.ops.attention(q, k, v,
         q_positions=positions, kv_positions=positions, segment_ids=...)``."""
-        from seqmix.parallel import SOFTMAX_STRATEGIES
+        from seqmix.parallel import sequence_parallel_attention
 
-        fn = SOFTMAX_STRATEGIES[self.strategy]
-        mask = masks_lib.Full() if mask is None else mask
-        b, t = q.shape[:2]
-        self.check_seq_len(t, "attention: sequence")
-        perm = layout_lib.permutation(self.layout, t, self.size)
-        ident = self.layout is None
-        pi = layout_lib.permute_inputs(perm, segment_ids=segment_ids, positions=positions,
-                                       **({} if ident else {"q": q, "k": k, "v": v}))
-        if not ident:
-            q, k, v = pi["q"], pi["k"], pi["v"]
-        bax = self._bax(b)
-        x_spec = PS(bax, self.axis)
-        args = {"q": q, "k": k, "v": v, "q_positions": pi["positions"]}
-        specs = {"q": x_spec, "k": x_spec, "v": x_spec, "q_positions": PS(self.axis)}
-        if pi["segment_ids"] is not None:
-            args["segment_ids"], specs["segment_ids"] = pi["segment_ids"], x_spec
-        if mask_uses_rel(mask):
-            rel = jnp.broadcast_to(pi["relative_positions"], (b, t))
-            args["relative_positions"], specs["relative_positions"] = (rel, rel), (x_spec, x_spec)
-        if sink_logits is not None:
-            args["sink_logits"], specs["sink_logits"] = sink_logits, PS()
-        axis = self.axis
-
-        def local(kw):
-            kw = dict(kw)
-            kw["kv_positions"] = kw["q_positions"]
-            return fn(kw.pop("q"), kw.pop("k"), kw.pop("v"), axis_name=axis, mask=mask, soft_cap=soft_cap,
-                      scale=scale, impl=impl, **kw)
-
-        out = jax.shard_map(local, mesh=self.mesh, in_specs=(specs,), out_specs=x_spec, check_vma=False)(args)
-        return out if ident else layout_lib.unpermute(out, perm)
+        self.check_seq_len(q.shape[1], "attention: sequence")
+        return sequence_parallel_attention(q, k, v, mesh=self.mesh, axis=self.axis, strategy=self.strategy,
+                                           layout=self.layout, mask=mask, segment_ids=segment_ids,
+                                           positions=positions, sink_logits=sink_logits, soft_cap=soft_cap,
+                                           scale=scale, impl=impl, batch_axes=self.batch_axes)
 
     # ------------------------------------------------------------------ recurrent layers
 

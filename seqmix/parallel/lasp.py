@@ -1,128 +1,56 @@
 """LASP-1 and LASP-2: sequence parallelism for the recurrent families (FAMILIES.md §4.5–§4.8).
 
 Every recurrent family maps the state entering a shard to the state leaving it by an affine map
-``S ↦ T_r(S) + S_ext,r``; the pair (transition, ``S_ext``) is the shard's **summary** (fp32):
-
-| family | transition ``T_r`` | computed from |
-|---|---|---|
-| ``linear_attention`` | ``log a ∈ {0, −inf}`` per (batch, head) | the op's final state from a zero state |
-| ``retention``, ``simple_gla`` | ``log a = Σ_t g_t`` per (batch, head) | ``g`` (or ``decay``); the op's final state |
-| ``gla`` | ``log a = Σ_t g_t ∈ R^{d_k}`` | ``g``; the op's final state |
-| ``delta_rule``, ``gated_delta_rule`` | ``M ∈ R^{d_k×d_k}`` | :func:`seqmix.ops._delta_chunk.chunk_summary` |
-
-``log a = −inf`` (``a = 0``) and ``M = 0`` when the shard contains a segment reset (its end state no
-longer depends on the incoming one). A segment boundary that falls exactly on a shard boundary is a
-reset the local op cannot see; the summaries carry each shard's first and last segment id, and the
-incoming state of a shard that starts a new segment is zero.
+``S ↦ T_r(S) + S_ext,r``; the pair (transition, ``S_ext``) is the shard's **summary** (fp32). The family
+record says how to compute it (``Family.sp_summary``): the gated-linear families give ``log a = Σ_t g_t``
+(0 without a gate, per channel for ``gla``) and their final state from a zero state; the delta rules give
+``M = Π_chunks M_[c]`` and ``S_ext`` from the WY form. ``log a = −inf`` / ``M = 0`` when the shard contains
+a segment reset. A segment boundary that falls exactly on a shard boundary is a reset the local op
+cannot see; the summaries carry each shard's first and last segment id, and the incoming state of a
+shard that starts a new segment is zero.
 
 * **LASP-2** (2502.07563): each shard computes its summary, **one** ``all_gather`` of the packed
   summaries (one fp32 buffer), an fp32 prefix fold over the shards before this one gives ``S_in``
   (``S ← T_j(S) + S_ext,j`` starting from ``initial_state``), and the local op reruns with
-  ``initial_state = S_in``. This general mechanism is exact for every family (the FAMILIES.md linear
-  correction is an optimization it skips). The whole sequence's final state is the fold over all
-  shards, identical on every device (no further collective). Backward: autodiff (the gather's transpose
-  is one reduce-scatter of the summaries' cotangents; the ops' own custom VJPs inside).
+  ``initial_state = S_in``. The whole sequence's final state is the fold over all shards, identical on
+  every device. Backward: autodiff (the gather's transpose is one reduce-scatter of the summaries'
+  cotangents; the ops' own custom VJPs inside).
 * **LASP-1** (2404.02882): the same summaries, passed along a serial ``ppermute`` chain (P − 1 hops,
-  one state each: at hop h only device h sends); the final state is broadcast from the last device
-  with one ``psum``. Backward: the reverse chain (autodiff). Low memory, serial latency.
+  one state each); the final state is broadcast from the last device with one ``psum``.
 
 Functions take local shards inside ``jax.shard_map`` (use ``check_vma=False``, see
 :mod:`seqmix.parallel.ring`) and the family's own arguments, e.g.
 ``lasp2("gated_delta_rule", q, k, v, g, beta, axis_name="seq", segment_ids=seg, initial_state=h0,
-return_state=True)``; per-family entry points (``lasp2_gla`` ...) are registered in the capability
-matrix by :func:`register_families`.
+return_state=True)``. Any registered recurrent family with an ``sp_summary`` works, with no edit here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from seqmix.ops import _registry
+from seqmix.ops._recurrent import apply_summary
 
 Array = Any
 F32 = jnp.float32
 
 
-@dataclasses.dataclass(frozen=True)
-class RecurrentSpec:
-    """How to summarize one shard of a recurrent family.
-
-    family: registry name. args: names of the op's positional arguments after (q, k, v).
-    kind: transition type: ``"none"`` (a ∈ {0, 1}), ``"scalar"`` (log a per head), ``"channel"``
-    (log a per key channel) or ``"matrix"`` (``M``, delta rules).
-    """
-
-    family: str
-    args: tuple[str, ...]
-    kind: str
+def _family(family: str):
+    fam = _registry.get_family(family)
+    if fam.sp_summary is None:
+        with_lasp = sorted(n for n, f in _registry.FAMILIES.items() if f.sp_summary is not None)
+        raise ValueError(f"family {family!r} has no LASP summary; families with one: {with_lasp}")
+    return fam
 
 
-SPECS = {
-    "linear_attention": RecurrentSpec("linear_attention", (), "none"),
-    "retention": RecurrentSpec("retention", (), "scalar"),
-    "simple_gla": RecurrentSpec("simple_gla", ("g",), "scalar"),
-    "gla": RecurrentSpec("gla", ("g",), "channel"),
-    "delta_rule": RecurrentSpec("delta_rule", ("beta",), "matrix"),
-    "gated_delta_rule": RecurrentSpec("gated_delta_rule", ("g", "beta"), "matrix"),
-}
-
-
-def _spec(family: str) -> RecurrentSpec:
-    if family not in SPECS:
-        raise ValueError(f"no LASP summary for family {family!r}; supported: {sorted(SPECS)}")
-    if family not in _registry.FAMILIES:
-        raise ValueError(f"family {family!r} is not registered (import seqmix.ops.{family} first)")
-    return SPECS[family]
-
-
-def _op(family: str) -> Callable:
-    return _registry.get_family(family).op
-
-
-# ----------------------------------------------------------------------------- summaries
-
-
-def _local_reset(seg, b: int) -> Array:
-    """bool [B]: whether the shard has a reset after its first token."""
-    if seg is None:
-        return jnp.zeros((b,), bool)
-    return jnp.any(seg[:, 1:] != seg[:, :-1], axis=1)
-
-
-def _summary(spec: RecurrentSpec, q, k, v, args, kwargs, seg, impl):
-    """(transition, S_ext) of this shard, fp32, from a zero incoming state."""
-    b, n = q.shape[:2]
-    named = dict(zip(spec.args, args))
-    if spec.kind == "matrix":
-        from seqmix.ops import _delta_chunk
-
-        return _delta_chunk.chunk_summary(k, v, named["beta"], named.get("g"), segment_ids=seg,
-                                          chunk_size=kwargs.get("chunk_size", 64))
-    _, s_ext = _op(spec.family)(q, k, v, *args, segment_ids=seg, return_state=True, impl=impl, **kwargs)
-    h = s_ext.shape[1]
-    if spec.kind == "none":
-        log_a = jnp.zeros((b, h), F32)
-    elif spec.family == "retention":
-        decay = jax.lax.stop_gradient(jnp.asarray(kwargs["decay"], F32))
-        log_a = jnp.broadcast_to(n * decay, (b, h))
-    else:
-        g = jnp.asarray(named["g"], F32)
-        log_a = jnp.broadcast_to(n * g, (b, h)) if g.ndim == 1 else g.sum(axis=1)
-    reset = _local_reset(seg, b).reshape((b,) + (1,) * (log_a.ndim - 1))
-    return jnp.where(reset, -jnp.inf, log_a), s_ext.astype(F32)
-
-
-def _apply(kind: str, trans, state):
-    """T(state) for one shard's transition (fp32)."""
-    if kind == "matrix":
-        return jnp.einsum("bhde,bhev->bhdv", trans, state, precision=jax.lax.Precision.HIGHEST)
-    a = jnp.exp(trans)
-    return (a[..., None, None] if kind in ("none", "scalar") else a[..., :, None]) * state
+def _summary(fam, q, k, v, args, kwargs, seg, impl):
+    """(kind, transition, S_ext) of this shard, fp32, from a zero incoming state."""
+    call = fam.prepare(q, k, v, *args, segment_ids=seg, **kwargs)
+    summ = fam.sp_summary(call, lambda c: fam.run(impl, c))
+    return summ.kind, summ.transition, summ.s_ext.astype(F32)
 
 
 def _seg_ends(seg, b: int):
@@ -172,10 +100,10 @@ def _unpack(buf, meta) -> list:
 
 
 def _prepare(family, q, k, v, args, segment_ids, initial_state, name):
-    spec = _spec(family)
-    if len(args) != len(spec.args):
+    fam = _family(family)
+    if len(args) != len(fam.positional):
         raise ValueError(f"{name}({family!r}): expected positional arguments (q, k, v"
-                         f"{''.join(', ' + a for a in spec.args)}); got {3 + len(args)}")
+                         f"{''.join(', ' + a for a in fam.positional)}); got {3 + len(args)}")
     for arg, x in (("q", q), ("k", k), ("v", v)):
         if jnp.ndim(x) != 4:
             raise ValueError(f"{name}: {arg} must be a local shard [batch, seq/P, heads, dim]; got {list(jnp.shape(x))}")
@@ -184,7 +112,7 @@ def _prepare(family, q, k, v, args, segment_ids, initial_state, name):
         raise ValueError(f"{name}: segment_ids must be the local [batch, seq/P] = {list(q.shape[:2])}; got {list(seg.shape)}")
     if initial_state is not None:
         initial_state = jnp.asarray(initial_state, F32)
-    return spec, seg, initial_state
+    return fam, seg, initial_state
 
 
 def lasp2(family: str, q, k, v, *args, axis_name, segment_ids=None, initial_state=None, return_state=False,
@@ -198,9 +126,9 @@ def lasp2(family: str, q, k, v, *args, axis_name, segment_ids=None, initial_stat
     sequence's first tokens. Returns the local ``o`` or ``(o, final_state)`` where ``final_state`` is
     the whole sequence's (the same on every device).
     """
-    spec, seg, h0 = _prepare(family, q, k, v, args, segment_ids, initial_state, "lasp2")
+    fam, seg, h0 = _prepare(family, q, k, v, args, segment_ids, initial_state, "lasp2")
     b = q.shape[0]
-    trans, s_ext = _summary(spec, q, k, v, args, kwargs, seg, impl)
+    kind, trans, s_ext = _summary(fam, q, k, v, args, kwargs, seg, impl)
     first, last = _seg_ends(seg, b)
     buf, meta = _pack([trans, s_ext, first, last])
     gathered = jax.lax.all_gather(buf, axis_name)  # [P, X]: the one collective
@@ -214,23 +142,23 @@ def lasp2(family: str, q, k, v, *args, axis_name, segment_ids=None, initial_stat
     def fold(state, xs):
         t_j, s_j, reset_j = xs
         state = _zero_where(reset_j, state)  # the state entering shard j
-        return _apply(spec.kind, t_j, state) + s_j, state
+        return apply_summary(kind, t_j, state) + s_j, state
 
     final, entering = jax.lax.scan(fold, s0, (trans_all, s_all, start_reset))
     r = jax.lax.axis_index(axis_name)
     s_in = jax.lax.dynamic_index_in_dim(entering, r, axis=0, keepdims=False)
-    o = _op(family)(q, k, v, *args, segment_ids=seg, initial_state=s_in, impl=impl, **kwargs)
+    o = fam.op(q, k, v, *args, segment_ids=seg, initial_state=s_in, impl=impl, **kwargs)
     return (o, final) if return_state else o
 
 
 def lasp1(family: str, q, k, v, *args, axis_name, segment_ids=None, initial_state=None, return_state=False,
           impl=None, **kwargs):
     """LASP-1 for recurrent ``family``: a serial ``ppermute`` chain of states; arguments as :func:`lasp2`."""
-    spec, seg, h0 = _prepare(family, q, k, v, args, segment_ids, initial_state, "lasp1")
+    fam, seg, h0 = _prepare(family, q, k, v, args, segment_ids, initial_state, "lasp1")
     b = q.shape[0]
     size = int(jax.lax.axis_size(axis_name))
     r = jax.lax.axis_index(axis_name)
-    trans, s_ext = _summary(spec, q, k, v, args, kwargs, seg, impl)
+    kind, trans, s_ext = _summary(fam, q, k, v, args, kwargs, seg, impl)
     s_in = jnp.zeros(s_ext.shape, F32) if h0 is None else h0
     if size > 1:
         if seg is None:
@@ -241,32 +169,14 @@ def lasp1(family: str, q, k, v, *args, axis_name, segment_ids=None, initial_stat
             start_reset = (r > 0) & (first != prev_last)
         s_in = jnp.where(r == 0, s_in, 0.0)
         for hop in range(size - 1):  # device `hop` now holds its true incoming state and sends its outgoing one
-            out = _apply(spec.kind, trans, _zero_where(start_reset, s_in)) + s_ext
+            out = apply_summary(kind, trans, _zero_where(start_reset, s_in)) + s_ext
             recv = jax.lax.ppermute(out, axis_name, [(hop, hop + 1)])
             s_in = jnp.where(r == hop + 1, recv, s_in)
         s_in = _zero_where(start_reset, s_in)
-    o = _op(family)(q, k, v, *args, segment_ids=seg, initial_state=s_in, impl=impl, **kwargs)
+    o = fam.op(q, k, v, *args, segment_ids=seg, initial_state=s_in, impl=impl, **kwargs)
     if not return_state:
         return o
-    final = _apply(spec.kind, trans, s_in) + s_ext
+    final = apply_summary(kind, trans, s_in) + s_ext
     if size > 1:
         final = jax.lax.psum(jnp.where(r == size - 1, final, 0.0), axis_name)
     return o, final
-
-
-def _named(strategy: Callable, family: str) -> Callable:
-    fn = functools.partial(strategy, family)
-    fn.__name__ = f"{strategy.__name__}_{family}"
-    fn.__doc__ = f"{strategy.__name__} for ``{family}`` (see :func:`seqmix.parallel.lasp.{strategy.__name__}`)."
-    return fn
-
-
-def register_families() -> list[str]:
-    """Register LASP-1 / LASP-2 for every supported recurrent family present in the registry now."""
-    done = []
-    for family in SPECS:
-        if family in _registry.FAMILIES:
-            _registry.register_parallel(family, "lasp2", _named(lasp2, family))
-            _registry.register_parallel(family, "lasp1", _named(lasp1, family))
-            done.append(family)
-    return done

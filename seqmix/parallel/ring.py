@@ -39,6 +39,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.softmax_math import sink_grad
+from seqmix.ops import block_meta
 from seqmix.ops import masks as masks_lib
 from seqmix.ops.attention import attention, merge_lse
 from seqmix.parallel import _common
@@ -83,7 +85,7 @@ def _active(st: _Static, qm, km):
     q_pos, q_seg, _ = qm
     kv_pos, kv_seg, _ = km
     q_rel, kv_rel = _rels(st, qm, km)
-    cls = masks_lib.classify_blocks(st.mask, q_pos, kv_pos, q_rel, kv_rel, q_seg if st.has_seg else None,
+    cls = block_meta.classify_blocks(st.mask, q_pos, kv_pos, q_rel, kv_rel, q_seg if st.has_seg else None,
                                     kv_seg if st.has_seg else None, jnp.ones(q_pos.shape, bool),
                                     q_pos.shape[0], kv_pos.shape[0])
     return cls[0, 0] != masks_lib.EMPTY
@@ -199,9 +201,8 @@ def _ring_bwd(st, res, cts):
     dq = dq + dq_j
     dsink = None
     if st.has_sink:
-        # d b_h = −Σ_rows exp(b_h − lse) · D (this shard's rows; shard_map sums the shards).
-        w = jnp.exp(sink.astype(F32)[None, :, None] - lse_safe)
-        dsink = (-(w * delta).sum((0, 2))).astype(sink.dtype)
+        # this shard's rows; shard_map sums the shards
+        dsink = sink_grad(sink, lse, delta).astype(sink.dtype)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dsink, None, None
 
 

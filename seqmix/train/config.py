@@ -14,9 +14,10 @@ import json
 import math
 from typing import Any
 
-MESH_AXES = ("data", "fsdp", "seq", "tensor")
+from seqmix.parallel.mesh import AXES as MESH_AXES
+from seqmix.parallel.strategies import SOFTMAX_STRATEGY_NAMES as SP_STRATEGIES  # recurrent layers: LASP-2
+
 DTYPES = ("float32", "bfloat16")
-SP_STRATEGIES = ("allgather", "ring", "ulysses")  # softmax layers; recurrent layers use LASP-2
 SP_LAYOUTS = ("", "contiguous", "zigzag", "striped")  # "" = contiguous
 
 # Settings a resumed run may change; every other field must match the checkpoint.

@@ -3,7 +3,7 @@
 Forward (o, lse) and VJP (dq, dk, dv, d sink, cotangents on o and lse) at small shapes: lengths
 that are not block multiples, every computable mask kind, GQA ratios 1/2/4, packed documents, sink
 logits, soft cap, fully masked rows, keys with holes, bf16. Tiles are pinned to the interpret entry
-of ``seqmix.ops.tpu_blocks`` (32-row q blocks, 64-key kv blocks walked in two 32-key chunks), so a
+of ``seqmix.ops.tpu.tiles`` (32-row q blocks, 64-key kv blocks walked in two 32-key chunks), so a
 75-token sequence crosses several block and chunk boundaries with partial tails.
 """
 
@@ -12,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import _interpret
+from pallas_kernels import _target as _interpret
 from seqmix import ops
-from seqmix.ops import _registry, attention_pallas, tpu_blocks
+from seqmix.ops import _registry
+from seqmix.ops.tpu import attention as attention_pallas
+from seqmix.ops.tpu import tiles as tpu_blocks
 from seqmix.ops import masks as M
 from seqmix.testing import assert_close, tolerance_kind
 from tests.ops.attention_cases import MASKS, packed_segments, qkv
@@ -151,10 +153,10 @@ def test_step_lists_compact_non_empty_blocks_first():
 
 def test_registered_for_tpu_only_and_explained():
     impls = _registry.get_family("attention").implementations
-    assert impls["pallas_tpu"].platforms == ("tpu",) and impls["pallas_tpu"].rank < impls["xla"].rank
+    assert impls["pallas_tpu"].backend == "tpu" and impls["pallas_tpu"].rank < impls["xla"].rank
     q, k, v = qkv(0, 1, 96, 96, 4, 2, 16)
     text = ops.explain(ops.attention, q, k, v, mask=M.Causal())
-    assert "skip pallas_tpu: not tested on platform 'cpu'" in text and "run  xla" in text
+    assert "skip pallas_tpu: no conformance evidence for platform 'cpu'" in text and "run  xla" in text
     text = ops.explain(ops.attention, q, k, v, mask=M.Causal(), impl="pallas_tpu")
     assert "run  pallas_tpu" in text and "block_q=32 x 2 heads" in text and "block_kv=64" in text
 

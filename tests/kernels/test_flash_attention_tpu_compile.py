@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import pytest
 
 from seqmix import ops
-from seqmix.ops import attention_pallas  # noqa: F401 - registers "pallas_tpu"
+from seqmix.ops.tpu import attention as attention_pallas
 from seqmix.ops import masks as M
 
 pytestmark = pytest.mark.tpu_compile

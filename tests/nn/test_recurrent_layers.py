@@ -13,10 +13,9 @@ import optax
 import pytest
 from flax import nnx
 
-import seqmix.models.recurrent_mixers  # noqa: F401  (registers the mixers)
 from seqmix.models import LM, LMConfig, registered_mixers
 from seqmix.nn.feature_maps import HedgehogFeatureMap, attention_distillation_loss, feature_map
-from seqmix.nn.linear import (Based, BasedCache, DeltaNet, GatedDeltaNet, GatedLinearAttention, LinearAttention,
+from seqmix.nn import (Based, BasedCache, DeltaNet, GatedDeltaNet, GatedLinearAttention, LinearAttention,
                               Retention, SimpleGLA, hedgehog_distillation_loss)
 from seqmix.nn.recurrent_cache import RecurrentCache
 from seqmix.nn.short_conv import ConvCache, ShortConv, causal_conv
@@ -299,7 +298,7 @@ def test_mixers_registered():
     for family, module in (("gated_delta_rule", "GatedDeltaNet"), ("delta_rule", "DeltaNet"),
                            ("gla", "GatedLinearAttention"), ("simple_gla", "SimpleGLA"), ("retention", "Retention"),
                            ("linear_attention", "LinearAttention"), ("linear_attention", "Based")):
-        assert module in get_family(family).modules
+        assert f"seqmix.nn.{module}" in get_family(family).modules
     LMConfig(mixers="linear:hedgehog,based:8,linear")
     bad = (("linear:cosine", "feature map"), ("gdn:3", "takes no argument"), ("based:x", "positive integer"))
     for spec, match in bad:

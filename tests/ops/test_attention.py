@@ -1,8 +1,12 @@
 """Conformance of every registered attention implementation against the reference.
 
-Driven by the registry: a new implementation registered for ``attention`` is tested here without
-editing this file (it is skipped only if it reports it cannot serve the call on this platform).
+Generated from the registry (tests/conformance/plan.py): every implementation runs in each numeric
+mode its evidence names (``xla`` natively, ``pallas_tpu`` in the TPU interpreter with the interpreter's
+small tiles). A call an implementation cannot serve is not skipped: the test asserts that naming the
+implementation fails loudly with the reason ``supports`` gives, and checks nothing else.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,18 +16,54 @@ import pytest
 from seqmix import ops
 from seqmix.ops import _registry
 from seqmix.ops import masks as M
+from seqmix.ops.tpu import tiles
 from seqmix.testing import assert_close, assert_not_close, tolerance_kind
+from tests.conformance import plan
 from tests.ops.attention_cases import MASKS, packed_segments, qkv
 
-IMPLS = [n for n in _registry.get_family("attention").implementations if n != "reference"]
+CELLS = plan.cells("softmax", family_filter=lambda f: f.name == "attention")
+MODE = dict((impl, mode) for _, impl, mode in CELLS)
+assert len(MODE) == len(CELLS), "one numeric mode per attention implementation"
+IMPLS = [pytest.param(impl, id=f"{impl}-{mode}", marks=[pytest.mark.interpret] if mode != "cpu" else [])
+         for _, impl, mode in CELLS]
 
 
-def _runnable(impl, *args, **kwargs):
-    call = ops.get_family("attention").prepare(*args, **kwargs)
+@pytest.fixture(autouse=True)
+def _mode(request):
+    """Run each case in its implementation's evidence mode (interpret: the interpreter's tile table)."""
+    impl = request.node.callspec.params.get("impl") if hasattr(request.node, "callspec") else None
+    if impl is None or MODE[impl] == "cpu":
+        yield
+        return
+    with plan.mode_context(MODE[impl]), tiles.pinned(tiles.TABLE["interpret"]):
+        yield
+
+
+class Refused(Exception):
+    """The implementation cannot serve the call, and failed loudly when named (asserted)."""
+
+
+def _runnable(impl, *args, **kwargs) -> None:
+    """Return if ``impl`` serves the call; otherwise assert that naming it raises with its reason and
+    raise :class:`Refused` (the test then passes on that assertion alone: see ``_refusal_is_a_result``)."""
     fam = ops.get_family("attention")
+    call = fam.prepare(*args, **kwargs)
     reason = fam.implementations[impl].supports(call)
-    if reason is not None or _registry.current_platform() not in fam.implementations[impl].platforms:
-        pytest.skip(f"{impl} cannot serve this call here: {reason}")
+    if reason is None:
+        return
+    with pytest.raises(NotImplementedError, match="no implementation can serve"):
+        ops.attention(*args, impl=impl, **kwargs)
+    raise Refused(reason)
+
+
+def _refusal_is_a_result(test):
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        try:
+            test(*args, **kwargs)
+        except Refused:
+            pass
+    return run
 
 
 def compare(impl, q, k, v, *, kind=None, seed=1, diff_sink=False, **kwargs):
@@ -183,7 +223,7 @@ def test_explain_names_choice_and_skips():
 def test_named_impl_that_cannot_serve_fails_loudly():
     fam = ops.get_family("attention")
     fam.implementations["_never"] = _registry.Implementation(
-        "_never", lambda c: None, ("cpu",), 0, supports=lambda c: "never serves", auto=False)
+        "_never", lambda c: None, 0, supports=lambda c: "never serves", auto=False)
     try:
         q, k, v = qkv(0, 1, 8, 8, 2, 2, 8)
         with pytest.raises(NotImplementedError, match="never serves"):
@@ -231,3 +271,8 @@ def test_bad_arguments():
         M.LocalWindow(0)
     with pytest.raises(ValueError, match="compose"):
         M.Causal() & "x"
+
+
+for _name, _fn in list(globals().items()):
+    if _name.startswith("test_") and callable(_fn):
+        globals()[_name] = _refusal_is_a_result(_fn)

@@ -181,9 +181,9 @@ def test_decode_steps_equal_parallel(fam):
         def body(state, x):
             q, k, v, g, beta = x
             if fam == DN:
-                o, state = delta_rule_step(q, k, v, state, beta_t=beta)
+                o, state = delta_rule_step(q, k, v, state, beta=beta)
             else:
-                o, state = gated_delta_rule_step(q, k, v, state, beta_t=beta, g_t=g)
+                o, state = gated_delta_rule_step(q, k, v, state, beta=beta, g=g)
             return state, o
         xs = tuple(jnp.moveaxis(ins[n], 1, 0) for n in ("q", "k", "v", "g", "beta"))
         state, o = jax.lax.scan(body, ins["h0"], xs)
@@ -316,8 +316,8 @@ def test_bad_inputs_raise():
         (lambda: delta_rule(q, k, v, beta, initial_state=ins["h0"][:, :1]), "initial_state must have shape"),
         (lambda: delta_rule(q, k, v, beta, chunk_size=0), "chunk_size"),
         (lambda: delta_rule(q, k, v, beta, segment_ids=jnp.zeros((2, 7), jnp.int32)), "segment_ids"),
-        (lambda: delta_rule_step(q[:, 0], k[:, 0], v[:, 0], None, beta_t=beta[:, 0, :1]), "beta_t"),
-        (lambda: gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], None, beta_t=beta[:, 0], g_t=None), "g_t"),
+        (lambda: delta_rule_step(q[:, 0], k[:, 0], v[:, 0], None, beta=beta[:, 0, :1]), "beta must have shape"),
+        (lambda: gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], None, beta=beta[:, 0], g=None), "g (this token"),
     ]
     for fn, match in cases:
         with pytest.raises(ValueError, match=__import__("re").escape(match)):

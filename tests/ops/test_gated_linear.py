@@ -215,7 +215,7 @@ def _run_steps(variant, q, k, v, gate, h0):
         if kind == "head":
             return retention_step(q_t, k_t, v_t, state, decay=gate)[::-1]
         step = simple_gla_step if kind == "scalar" else gla_step
-        return step(q_t, k_t, v_t, state, g_t=g_t)[::-1]
+        return step(q_t, k_t, v_t, state, g=g_t)[::-1]
 
     mv = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)  # noqa: E731
     g_seq = mv(gate) if kind in ("scalar", "channel") else None
@@ -235,7 +235,7 @@ def test_decode_steps_match_parallel_form(variant):
 
 def test_decode_step_starts_from_zero_state():
     q, k, v, gate, _ = make_inputs("gla", 1, seed=4)
-    o_t, s = gla_step(q[:, 0], k[:, 0], v[:, 0], None, g_t=gate[:, 0])
+    o_t, s = gla_step(q[:, 0], k[:, 0], v[:, 0], None, g=gate[:, 0])
     o = gla(q, k, v, gate, impl="reference")
     testing.assert_close(o_t, o[:, 0], name="o")
     assert s.shape == (B, H, DK, DV) and s.dtype == jnp.float32
@@ -457,7 +457,7 @@ def test_bad_input_raises():
         gla(q, k, v, g, segment_ids=jnp.zeros((B, 7), jnp.int32))
     with pytest.raises(ValueError, match="chunk_size"):
         gla(q, k, v, g, chunk_size=0)
-    with pytest.raises(ValueError, match="g_t"):
-        gla_step(q[:, 0], k[:, 0], v[:, 0], None, g_t=gs[:, 0])
+    with pytest.raises(ValueError, match="g must have shape"):
+        gla_step(q[:, 0], k[:, 0], v[:, 0], None, g=gs[:, 0])
     with pytest.raises(ValueError, match="state"):
-        simple_gla_step(q[:, 0], k[:, 0], v[:, 0], jnp.zeros((B, H, DK, DK + 1)), g_t=gs[:, 0])
+        simple_gla_step(q[:, 0], k[:, 0], v[:, 0], jnp.zeros((B, H, DK, DK + 1)), g=gs[:, 0])

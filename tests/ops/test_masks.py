@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from seqmix.ops import block_meta
 from seqmix.ops import masks as M
 from tests.ops.attention_cases import MASKS, packed_segments
 
@@ -15,8 +16,8 @@ def _classes_and_dense(mask, t, s, bq, bk, seg=None, q_pos=None, kv_pos=None):
     kv_pos = jnp.arange(s, dtype=jnp.int32) if kv_pos is None else kv_pos
     q_rel = M.segment_relative(q_pos, seg)
     kv_rel = M.segment_relative(kv_pos, seg)
-    dense = np.asarray(M.full_allowed(mask, q_pos, kv_pos, q_rel, kv_rel, seg, seg))
-    cls = np.asarray(M.classify_blocks(mask, q_pos, kv_pos, jnp.broadcast_to(q_rel, (dense.shape[0], t)),
+    dense = np.asarray(block_meta.full_allowed(mask, q_pos, kv_pos, q_rel, kv_rel, seg, seg))
+    cls = np.asarray(block_meta.classify_blocks(mask, q_pos, kv_pos, jnp.broadcast_to(q_rel, (dense.shape[0], t)),
                                        jnp.broadcast_to(kv_rel, (dense.shape[0], s)), seg, seg,
                                        jnp.ones((t,), bool), bq, bk))
     return cls, dense
@@ -78,8 +79,8 @@ def test_composed_masks_sound_on_any_positions(mask, t, bq, bk, cut, shuffled):
     seg = jnp.asarray((np.arange(n) >= min(cut, n - 1)).astype(np.int32)[None])
     q_pos, kv_pos = jnp.asarray(pos[:tp]), jnp.asarray(pos[:sp])
     q_rel, kv_rel = M.segment_relative(q_pos, seg[:, :tp]), M.segment_relative(kv_pos, seg[:, :sp])
-    dense = np.asarray(M.full_allowed(mask, q_pos, kv_pos, q_rel, kv_rel, seg[:, :tp], seg[:, :sp]))
-    cls = np.asarray(M.classify_blocks(mask, q_pos, kv_pos, q_rel, kv_rel, seg[:, :tp], seg[:, :sp],
+    dense = np.asarray(block_meta.full_allowed(mask, q_pos, kv_pos, q_rel, kv_rel, seg[:, :tp], seg[:, :sp]))
+    cls = np.asarray(block_meta.classify_blocks(mask, q_pos, kv_pos, q_rel, kv_rel, seg[:, :tp], seg[:, :sp],
                                        jnp.ones((tp,), bool), bq, bk))
     for i in range(cls.shape[0]):
         for j in range(cls.shape[1]):

@@ -56,7 +56,21 @@ SOFTMAX = (
     ]
 )
 
-FAMILY_NAMES = ["linear_attention", "retention", "simple_gla", "gla", "delta_rule", "gated_delta_rule"]
+def _recurrent_families():
+    """Every shipped recurrent family whose record names a LASP strategy (read from the registry)."""
+    from seqmix.ops._capabilities import shipped_families
+    from seqmix.ops._registry import FAMILIES
+
+    return [n for n in shipped_families() if FAMILIES[n].kind == "recurrent" and FAMILIES[n].sequence_parallel]
+
+
+FAMILY_NAMES = _recurrent_families()
+
+
+def _strategies(family):
+    from seqmix.ops._registry import FAMILIES
+
+    return FAMILIES[family].sequence_parallel
 
 
 def _rc(id_, family, strategy, p, *, seg=SEGS, h0=True, mesh="1d", b=2, t=64):
@@ -64,8 +78,9 @@ def _rc(id_, family, strategy, p, *, seg=SEGS, h0=True, mesh="1d", b=2, t=64):
 
 
 RECURRENT = (
-    [_rc(f"lasp2-p4-{f}", f, "lasp2", 4) for f in FAMILY_NAMES]
-    + [_rc(f"lasp1-p4-{f}", f, "lasp1", 4, seg=SEGS_LONG) for f in FAMILY_NAMES]
+    # every strategy each family's record names, on 4 devices
+    [_rc(f"lasp2-p4-{f}", f, "lasp2", 4) for f in FAMILY_NAMES if "lasp2" in _strategies(f)]
+    + [_rc(f"lasp1-p4-{f}", f, "lasp1", 4, seg=SEGS_LONG) for f in FAMILY_NAMES if "lasp1" in _strategies(f)]
     + [
         _rc("lasp2-p8-gated_delta_rule-long", "gated_delta_rule", "lasp2", 8, seg=SEGS_LONG),
         _rc("lasp2-p8-gla-noseg", "gla", "lasp2", 8, seg=None),

@@ -25,7 +25,6 @@ from flax import nnx  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-import seqmix.models.recurrent_mixers  # noqa: E402,F401  (registers gdn, gla, ...)
 from seqmix.models import LM, LMConfig  # noqa: E402
 from seqmix.parallel import SequenceParallel, make_mesh  # noqa: E402
 

@@ -140,33 +140,23 @@ def softmax_case(c):
 
 
 def recurrent_inputs(family, b, t, h=2, d=8, seed=0):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
-    q, k, v = (jax.random.normal(kk, (b, t, h, d), F32) for kk in ks[:3])
-    v = rank_code(v)
-    if "delta" in family:  # the delta rules are stable with L2-normalized q, k
-        q, k = (x / jnp.linalg.norm(x, axis=-1, keepdims=True) for x in (q, k))
-    args, kw = [], {}
-    if family in ("simple_gla", "gated_delta_rule"):
-        args.append(jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h)) + 2.0))
-    if family == "gla":
-        args.append(jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h, d)) + 2.0))
-    if "delta" in family:
-        args.append(jax.nn.sigmoid(jax.random.normal(ks[4], (b, t, h))))
-    if family == "retention":
-        kw["decay"] = jnp.log1p(-(2.0 ** (-3.0 - jnp.arange(h, dtype=F32))))
-    if family == "linear_attention":
-        kw.update(feature_map="elu", normalize=True)
-    dv = d + 1 if family == "linear_attention" else d
-    h0 = jax.random.normal(ks[5], (b, h, d, dv), F32) * 0.3
-    return q, k, v, args, kw, h0
+    """The family record's inputs (typical gates, an initial state), v rank-coded: (q, k, v, positional
+    args, keyword arrays and options without the initial state, initial state)."""
+    fam = FAMILIES[family]
+    inputs = fam.make_inputs(fam, jax.random.PRNGKey(seed), batch=b, seq=t, heads=h, dk=d, dv=d)
+    q, k, v = inputs.args[:3]
+    kw = {n: x for n, x in inputs.arrays.items() if n != "initial_state"}
+    kw.update(inputs.options)
+    return q, k, rank_code(v), list(inputs.args[3:]), kw, inputs.arrays["initial_state"]
 
 
 def recurrent_case(c):
     family, b, t = c["family"], c["b"], c["t"]
+    fam = FAMILIES[family]
     q, k, v, args, kw, h0 = recurrent_inputs(family, b, t)
     h0 = h0 if c["h0"] else None
     seg = segments(c)
-    op = FAMILIES[family].op
+    op = fam.op
     mesh = make_mesh(c["mesh"], c["p"])
 
     def single(q, k, v, args, h0):
@@ -183,14 +173,8 @@ def recurrent_case(c):
     g_ref, g = vjp_ref(ct), vjp(ct)
     msgs = [check_close(out[0], ref[0], kind="sharded", role="out", name="o"),
             check_close(out[1], ref[1], kind="sharded", role="out", name="final_state")]
-    names = ["dq", "dk", "dv"]
-    roles = ["grad"] * 3
-    arg_names = {"simple_gla": ["dg"], "gla": ["dg"], "delta_rule": ["dbeta"], "gated_delta_rule": ["dg", "dbeta"]}
-    names += arg_names.get(family, [])
-    roles += ["gate"] * len(arg_names.get(family, []))
-    if h0 is not None:
-        names.append("dh0")
-        roles.append("grad")
+    names = ["dq", "dk", "dv"] + [f"d{n}" for n in fam.positional] + (["dh0"] if h0 is not None else [])
+    roles = ["grad"] * 3 + ["gate"] * len(fam.positional) + (["grad"] if h0 is not None else [])
     leaves, leaves_ref = jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)
     assert len(leaves) == len(names) == len(leaves_ref), (len(leaves), names)
     for name, role, a, r in zip(names, roles, leaves, leaves_ref):

@@ -102,12 +102,14 @@ def test_make_mesh_validation():
 
 def test_registry_has_parallel_strategies():
     rows = {r["family"]: r for r in capability_rows()}
-    assert rows["attention"]["sequence parallel"] == "allgather, ring, ulysses"
+    assert rows["attention"]["sequence parallel"] == "allgather, ring, ulysses · cpu×8"
     for fam in ("linear_attention", "retention", "simple_gla", "gla", "delta_rule", "gated_delta_rule"):
-        if fam in FAMILIES:
-            assert rows[fam]["sequence parallel"] == "lasp1, lasp2", fam
-            assert sp.lasp2h(fam) is FAMILIES[fam].parallel["lasp2"]
+        assert rows[fam]["sequence parallel"] == "lasp1, lasp2 · cpu×8", fam
+        fn = sp.lasp2h(fam)
+        assert fn.func is sp.lasp2 and fn.args == (fam,)
     assert sp.lasp2h("attention") is sp.allgather_attention
+    with pytest.raises(ValueError, match="served by strategies"):
+        sp.for_family("attention", "lasp2")
 
 
 def test_wrapper_validation():

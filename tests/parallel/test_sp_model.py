@@ -51,7 +51,6 @@ def test_sequence_parallel_config_and_plumbing():
     import jax
     from flax import nnx
 
-    import seqmix.models.recurrent_mixers  # noqa: F401
     from seqmix.models import LM, LMConfig
     from seqmix.models import mixers as mixers_lib
     from seqmix.nn import Attention

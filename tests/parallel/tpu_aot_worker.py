@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -66,6 +67,9 @@ def main():
             rec["result"] = {"count": stats.count, "bytes_sent": stats.bytes_sent,
                              "unknown_trip_counts": stats.unknown_trip_counts, "devices": int(p),
                              "platform": str(devices.flat[0].platform),
+                             "mosaic_kernels": sorted(set(k.rstrip("_") for k in re.findall(
+                                 r"(seqmix_\w+?)(?:\.\d+)? = .*custom_call_target=\"tpu_custom_call\"",
+                                 compiled.as_text()))),
                              "temp_bytes": getattr(mem, "temp_size_in_bytes", None)}
         except Exception as err:  # noqa: BLE001 - reported to the pytest side
             rec["ok"], rec["msg"] = False, f"{type(err).__name__}: {err}"

@@ -42,7 +42,6 @@ if NUM_PROCESSES > 1:
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-import seqmix.models.recurrent_mixers  # noqa: E402,F401
 from seqmix.train.config import TrainConfig  # noqa: E402
 from seqmix.train.trainer import train  # noqa: E402
 

@@ -4,7 +4,7 @@ Keys are short generation names derived from ``device_kind`` (``"TPU v5 lite"`` 
 ``"TPU v5"`` / ``"TPU v5p"`` -> ``"v5p"``, ``"TPU v6 lite"`` -> ``"v6e"``); ``"default"`` serves an
 unknown TPU and ``"interpret"`` serves interpret mode on CPU. The kind comes from the TPU being
 compiled for: the default backend, or the abstract mesh under ahead-of-time lowering
-(``pallas_kernels._interpret.tpu_target_kind``).
+(``pallas_kernels._target``).
 
 These are reasoned starting points, not autotuned results: seqmix has no TPU benchmark numbers yet
 (FAMILIES.md §6 anchors are splash / tokamax numbers). Pin tiles in tests and numerics benchmarks
@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import threading
 
-from pallas_kernels import _interpret
+from pallas_kernels import _target as _interpret
 from pallas_kernels.tpu.flash_attention import FlashTiles
 
 MiB = 1024 * 1024

@@ -3,11 +3,11 @@
 The kernels (``pallas_kernels.tpu.flash_attention``) take a kernel layout and splash-style step
 metadata; this module builds both:
 
-1. tiles from :mod:`seqmix.ops.tpu_blocks` for the target TPU generation, clamped to the call
+1. tiles from :mod:`seqmix.ops.tpu.tiles` for the target TPU generation, clamped to the call
    (short or ragged sequences, GQA groups stacked as ``G·block_q`` rows, a VMEM budget);
 2. positions, segment-relative positions and segment ids padded to block multiples (padded keys get
    position −1 = invalid) and packed as int32 coordinate rows;
-3. EMPTY / PARTIAL / FULL per (q block, kv chunk) from :func:`seqmix.ops.masks.classify_blocks`
+3. EMPTY / PARTIAL / FULL per (q block, kv chunk) from :func:`seqmix.ops.block_meta.classify_blocks`
    (which already folds in segments and padding); per-block kinds derived from the chunks, compacted
    into step lists for the forward and dq grids and, transposed, for the dkv grid;
 4. the mask predicate as a plain callable on int32 arrays, evaluated in-kernel on PARTIAL chunks.
@@ -28,11 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels._interpret import interpret_params
+from pallas_kernels import _target
 from pallas_kernels.tpu import flash_attention as fa
-from seqmix.ops import _registry, tpu_blocks
+from seqmix.ops import _registry, block_meta
 from seqmix.ops import masks as masks_lib
-from seqmix.ops.attention import AttentionCall, _finish, _pad_axis, _pad_edge
+from seqmix.ops.attention_call import AttentionCall, finish
+from seqmix.ops.block_meta import pad_to
+from seqmix.ops.tpu import tiles as tpu_blocks
 
 MIN_Q_LEN = 65  # shorter query blocks belong to a decode kernel (FAMILIES.md §3.5)
 MAX_STEP_ENTRIES = 1 << 16  # int32 metadata entries per kernel in SMEM (1 MiB per core)
@@ -109,16 +111,6 @@ def predicate_problem(mask: masks_lib.Mask) -> str | None:
         return _predicate_problem_cached(mask)
     except TypeError:  # an unhashable user mask
         return _predicate_problem_uncached(mask)
-
-
-@dataclasses.dataclass(frozen=True)
-class _MaskPredicate:
-    """``mask.allowed`` as the kernel's plain callable on int32 arrays (hashable, static)."""
-
-    mask: masks_lib.Mask
-
-    def __call__(self, q_pos, q_rel, kv_pos, kv_rel):
-        return self.mask.allowed(masks_lib.Coords(q_pos, q_rel), masks_lib.Coords(kv_pos, kv_rel))
 
 
 # ----------------------------------------------------------------------------- tiles
@@ -257,33 +249,24 @@ def _chunk_major(coords, chunk: int):
 
 
 def _metadata(call: AttentionCall, p: _Plan):
-    b, tq = call.q.shape[:2]
-    s = call.k.shape[1]
+    b = call.q.shape[0]
     tp, sp = p.padded_q, p.padded_kv
-    q_valid = jnp.arange(tp) < tq
-    q_pos = _pad_edge(call.q_pos, 0, tp)
-    kv_pos = _pad_axis(call.kv_pos, 0, sp, -1)
-    q_rel = _pad_edge(jnp.broadcast_to(call.q_rel, (b, tq)), 1, tp)
-    kv_rel = _pad_edge(jnp.broadcast_to(call.kv_rel, (b, s)), 1, sp)
-    has_seg = call.q_seg is not None
-    q_seg = _pad_edge(call.q_seg, 1, tp) if has_seg else None
-    kv_seg = _pad_edge(call.kv_seg, 1, sp) if has_seg else None
+    c = block_meta.pad_coordinates(call, tp, sp)
 
     def classify(bq, bkv, bkc):
         """Per-chunk kinds [nq·nk·nc] and per-block kinds [nq, nk] derived from them."""
-        cls_c = masks_lib.classify_blocks(call.mask, q_pos, kv_pos, q_rel, kv_rel, q_seg, kv_seg,
-                                          q_valid, bq, bkc)
+        cls_c = block_meta.classify_padded(call.mask, c, bq, bkc)
         return cls_c.reshape(-1), block_kinds(cls_c, bkv // bkc)
 
     t = p.tiles
     chunks_f, cls_f = classify(t.block_q, t.block_kv, t.block_kv_compute)
     chunks_b, cls_b = classify(t.block_q_bwd, t.block_kv_bwd, t.block_kv_compute_bwd)
-    kv_coords = _coords(kv_pos, kv_rel, kv_seg, b, sp)
+    kv_coords = _coords(c.kv_pos, c.kv_rel, c.kv_seg, b, sp)
     fwd = (step_lists(cls_f), chunks_f, _chunk_major(kv_coords, t.block_kv_compute))
     bwd = (step_lists(cls_b), step_lists(cls_b.T), chunks_b,
            _chunk_major(kv_coords, t.block_kv_compute_bwd))
     meta = (fwd, bwd)
-    return meta, _coords(q_pos, q_rel, q_seg, b, tp)
+    return meta, _coords(c.q_pos, c.q_rel, c.q_seg, b, tp)
 
 
 @functools.lru_cache(maxsize=512)
@@ -291,7 +274,7 @@ def _density_cached(mask, tq: int, s: int, bq: int, bkc: int, tp: int, sp: int) 
     with jax.ensure_compile_time_eval():
         q_pos = jnp.asarray(np.minimum(s - tq + np.arange(tp), s - 1), jnp.int32)
         kv_pos = jnp.asarray(np.where(np.arange(sp) < s, np.arange(sp), -1), jnp.int32)
-        cls = masks_lib.classify_blocks(mask, q_pos, kv_pos, q_pos[None], kv_pos[None], None, None,
+        cls = block_meta.classify_blocks(mask, q_pos, kv_pos, q_pos[None], kv_pos[None], None, None,
                                         jnp.arange(tp) < tq, bq, bkc)
         return float(np.mean(np.asarray(cls) != masks_lib.EMPTY))
 
@@ -318,11 +301,11 @@ def _fp32_highest() -> bool:
 
 
 def _config(call: AttentionCall, p: _Plan) -> fa.FlashConfig:
-    mask_fn = None if isinstance(call.mask, masks_lib.Full) else _MaskPredicate(call.mask)
-    return fa.FlashConfig(scale=float(call.scale), soft_cap=call.soft_cap, mask_fn=mask_fn,
-                          has_segments=call.q_seg is not None, has_sinks=call.sink_logits is not None,
+    pair_fn = block_meta.PairPredicate(call.mask, segments=call.q_seg is not None)
+    return fa.FlashConfig(scale=float(call.scale), soft_cap=call.soft_cap, pair_fn=pair_fn,
+                          has_sinks=call.sink_logits is not None,
                           tiles=p.tiles, vmem_limit_bytes=p.vmem_limit_bytes,
-                          interpret=interpret_params(), fp32_highest=_fp32_highest(),
+                          interpret=_target.interpret_params(), fp32_highest=_fp32_highest(),
                           density=default_density(call.mask, call.q.shape[1], call.k.shape[1],
                                                   p.tiles.block_q, p.tiles.block_kv_compute,
                                                   p.padded_q, p.padded_kv))
@@ -337,9 +320,9 @@ def attention_pallas_tpu(call: AttentionCall):
     g = hq // hkv
     tp, sp = p.padded_q, p.padded_kv
     (fwd_meta, bwd_meta), q_coords = _metadata(call, p)
-    q = _pad_axis(call.q, 1, tp, 0).reshape(b, tp, hkv, g, d).transpose(0, 2, 3, 1, 4)
-    k = _pad_axis(call.k, 1, sp, 0).transpose(0, 2, 1, 3)
-    v = _pad_axis(call.v, 1, sp, 0).transpose(0, 2, 1, 3)
+    q = pad_to(call.q, 1, tp, 0).reshape(b, tp, hkv, g, d).transpose(0, 2, 3, 1, 4)
+    k = pad_to(call.k, 1, sp, 0).transpose(0, 2, 1, 3)
+    v = pad_to(call.v, 1, sp, 0).transpose(0, 2, 1, 3)
     if call.sink_logits is None:
         sinks = jnp.zeros((hq,), jnp.float32)
     else:
@@ -347,7 +330,7 @@ def attention_pallas_tpu(call: AttentionCall):
     o, lse = fa.flash_attention(_config(call, p), q, k, v, sinks, q_coords, fwd_meta, bwd_meta)
     o = o.transpose(0, 3, 1, 2, 4).reshape(b, tp, hq, dv)[:, :tq]
     lse = lse.reshape(b, hq, tp)[:, :, :tq]
-    return _finish(call, o, lse)
+    return finish(call, o, lse)
 
 
 def supports(call: AttentionCall) -> str | None:
@@ -388,8 +371,5 @@ def describe(call: AttentionCall) -> str:
 
 
 IMPLEMENTATION = _registry.Implementation(
-    "pallas_tpu", attention_pallas_tpu, platforms=("tpu",), rank=10, supports=supports,
-    describe=describe)
-
-if "pallas_tpu" not in _registry.get_family("attention").implementations:
-    _registry.register_implementation("attention", IMPLEMENTATION)
+    "pallas_tpu", attention_pallas_tpu, rank=10, backend="tpu", evidence=("tpu:interpret", "tpu:aot"),
+    supports=supports, describe=describe)
