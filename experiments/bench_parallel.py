@@ -90,7 +90,6 @@ def recurrent_layers(mesh, args):
     from jax.sharding import PartitionSpec as PS
 
     import seqmix.parallel as sp
-
     from seqmix.ops import _registry
 
     p = mesh.shape["seq"]

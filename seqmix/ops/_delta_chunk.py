@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqmix.ops import _checks
+from seqmix.ops._recurrent import from_chunks, to_chunks
 
 Array = Any
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -129,19 +130,10 @@ def describe(call) -> str:
 
 def _chunk(x, c, n):
     """``[B, T, H, ...]`` -> ``[B, H, N, C, ...]`` fp32, zero padded to N·C tokens."""
-    x = jnp.asarray(x, F32)
-    b, t, h = x.shape[:3]
-    if n * c != t:
-        x = jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2))
-    x = x.reshape((b, n, c, h) + x.shape[3:])
-    return jnp.moveaxis(x, 3, 1)
+    return to_chunks(jnp.asarray(x, F32), c, n)
 
 
-def _unchunk(x, t):
-    """``[B, H, N, C, ...]`` -> ``[B, T, H, ...]`` (padding dropped)."""
-    b, h, n, c = x.shape[:4]
-    x = jnp.moveaxis(x, 1, 3).reshape((b, n * c, h) + x.shape[4:])
-    return x[:, :t]
+_unchunk = from_chunks
 
 
 class _Gates(NamedTuple):

@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 
 from seqmix.ops import _checks
+from seqmix.ops._recurrent import from_chunks, to_chunks
 
 Array = Any
 F32 = jnp.float32
@@ -107,20 +108,8 @@ def describe(call) -> str:
 # ----------------------------------------------------------------------------- layout helpers
 
 
-def _chunks(x, c: int, n: int):
-    """``[B, T, H, ...]`` -> ``[B, H, N, C, ...]``, zero-padded to ``N·C`` tokens."""
-    b, t, h = x.shape[:3]
-    if n * c != t:
-        x = jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2))
-    x = x.reshape((b, n, c, h) + x.shape[3:])
-    return jnp.moveaxis(x, 3, 1)
-
-
-def _unchunk(x, t: int):
-    """``[B, H, N, C, ...]`` -> ``[B, T, H, ...]`` (padding dropped)."""
-    b, h, n, c = x.shape[:4]
-    x = jnp.moveaxis(x, 1, 3).reshape((b, n * c, h) + x.shape[4:])
-    return x[:, :t]
+_chunks = to_chunks
+_unchunk = from_chunks
 
 
 def _dot(spec: str, a, b):

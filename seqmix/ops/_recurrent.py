@@ -61,6 +61,22 @@ class RecurrentCall:
         return dataclasses.replace(self, **changes)
 
 
+def to_chunks(x, c: int, n: int):
+    """``[B, T, H, ...]`` -> ``[B, H, N, C, ...]``, zero-padded to ``N·C`` tokens (the chunked forms' layout)."""
+    b, t, h = x.shape[:3]
+    if n * c != t:
+        x = jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape((b, n, c, h) + x.shape[3:])
+    return jnp.moveaxis(x, 3, 1)
+
+
+def from_chunks(x, t: int):
+    """``[B, H, N, C, ...]`` -> ``[B, T, H, ...]`` (padding dropped)."""
+    b, h, n, c = x.shape[:4]
+    x = jnp.moveaxis(x, 1, 3).reshape((b, n * c, h) + x.shape[4:])
+    return x[:, :t]
+
+
 def resets_from_segments(segment_ids: Array) -> Array:
     """bool ``[B, T]``: True at t >= 1 where ``segment_ids[:, t] != segment_ids[:, t - 1]``."""
     first = jnp.zeros_like(segment_ids[:, :1], dtype=bool)

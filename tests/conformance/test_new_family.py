@@ -150,3 +150,19 @@ def test_lasp2_on_four_devices():
     proc = subprocess.run([sys.executable, "-c", LASP_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert "TOY-LASP2-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_config_naming_the_toy_mixer_loads_in_a_fresh_process():
+    """A checkpoint's config records the modules that register its mixers, so a fresh process rebuilds it."""
+    import json
+
+    from seqmix.models import LMConfig
+
+    d = LMConfig(mixers="toy,attn", d_model=32, num_heads=2, max_len=16).to_dict()
+    assert d["mixer_modules"]["toy"] == "tests.conformance.test_new_family"
+    script = ("import json, sys\nfrom flax import nnx\nfrom seqmix.models import LM, LMConfig\n"
+              "cfg = LMConfig.from_dict(json.loads(sys.argv[1]))\nLM(cfg, rngs=nnx.Rngs(0))\nprint('LOADED', cfg.mixers)")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(d)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert "LOADED toy,attn" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]

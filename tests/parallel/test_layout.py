@@ -8,7 +8,8 @@ import pytest
 import seqmix.parallel as sp
 from seqmix import ops
 from seqmix.ops import masks as M
-from seqmix.ops._registry import FAMILIES, capability_rows
+from seqmix.ops import capability_rows
+from seqmix.ops._registry import FAMILIES
 from seqmix.parallel import layout
 from seqmix.testing import assert_close
 from tests.ops.attention_cases import packed_segments, qkv
