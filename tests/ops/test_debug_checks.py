@@ -14,6 +14,17 @@ from seqmix import ops
 from seqmix.testing import assert_close
 
 
+@pytest.fixture(autouse=True)
+def _drain_chexify():
+    """chex registers every chexified function for an at-exit "statuses not inspected" warning, even with
+    async_check=False; wait for them and forget them so the test run's output stays clean."""
+    yield
+    chex.block_until_chexify_assertions_complete()
+    from chex._src import asserts_internal  # private: the list behind that warning
+
+    asserts_internal.CHEXIFY_STORAGE.wait_fns.clear()
+
+
 def _gla_inputs(t=12):
     ks = jax.random.split(jax.random.PRNGKey(0), 4)
     q, k, v = (jax.random.normal(kk, (1, t, 2, 8)) for kk in ks[:3])
