@@ -144,6 +144,27 @@ class RecurrentLayer(nnx.Module):
         self.chunk_size = positive_int(name, "chunk_size", chunk_size)
         self.dtype, self.impl = dtype, impl
 
+    def _init_conv_qkv(self, d_model, conv_size, *, activation, use_bias, dtype, param_dtype, rngs):
+        """q, k, v projections, each followed by a short causal conv (``_convs`` order: q, k, v)."""
+        h, dk, dv = self.num_heads, self.key_dim, self.head_dim
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = nnx.Linear(d_model, h * dk, **kw)
+        self.k_proj = nnx.Linear(d_model, h * dk, **kw)
+        self.v_proj = nnx.Linear(d_model, h * dv, **kw)
+        conv_kw = dict(activation=activation, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_conv = ShortConv(h * dk, conv_size, **conv_kw)
+        self.k_conv = ShortConv(h * dk, conv_size, **conv_kw)
+        self.v_conv = ShortConv(h * dv, conv_size, **conv_kw)
+
+    def _conv_qkv(self, x, segment_ids, conv_caches):
+        """``(q, k [B, T, H, Dk], v [B, T, H, Dv], conv caches or None)`` through the projections and convs."""
+        caches = (None,) * 3 if conv_caches is None else conv_caches
+        q, cq = run_conv(self.q_conv, self.q_proj(x), segment_ids, caches[0])
+        k, ck = run_conv(self.k_conv, self.k_proj(x), segment_ids, caches[1])
+        v, cv = run_conv(self.v_conv, self.v_proj(x), segment_ids, caches[2])
+        out = (self._heads(q, self.key_dim), self._heads(k, self.key_dim), self._heads(v, self.head_dim))
+        return out + ((None if conv_caches is None else (cq, ck, cv)),)
+
     def _check_x(self, x):
         name = type(self).__name__
         if jnp.ndim(x) != 3 or jnp.shape(x)[-1] != self.d_model:

@@ -9,11 +9,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from seqmix.nn._recurrent_layer import RecurrentLayer, positive_int, resolve_head_dim, run_conv
+from seqmix.nn._recurrent_layer import RecurrentLayer, positive_int, resolve_head_dim
 from seqmix.nn.attention import Attention
 from seqmix.nn.mixer import optional_int_arg, register_mixer
 from seqmix.nn.recurrent_cache import RecurrentCache
-from seqmix.nn.short_conv import ShortConv
 from seqmix.ops import masks as masks_lib
 from seqmix.ops.kv_cache import KVCache
 from seqmix.ops.linear_attention import feature_dim as _feature_dim
@@ -40,24 +39,15 @@ class _TaylorBranch(RecurrentLayer):
         self._common_init(d_model, num_heads, head_dim, feature_dim, dtype=dtype, impl=impl, chunk_size=chunk_size,
                           sequence_parallel=sequence_parallel)
         self.eps = eps
-        h, dk, dv = self.num_heads, self.key_dim, self.head_dim
+        self._init_conv_qkv(d_model, conv_size, activation=None, use_bias=False, dtype=dtype,
+                            param_dtype=param_dtype, rngs=rngs)
+        h, dv = self.num_heads, self.head_dim
         kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = nnx.Linear(d_model, h * dk, **kw)
-        self.k_proj = nnx.Linear(d_model, h * dk, **kw)
-        self.v_proj = nnx.Linear(d_model, h * dv, **kw)
-        conv_kw = dict(activation=None, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_conv = ShortConv(h * dk, conv_size, **conv_kw)
-        self.k_conv = ShortConv(h * dk, conv_size, **conv_kw)
-        self.v_conv = ShortConv(h * dv, conv_size, **conv_kw)
         self.o_proj = nnx.Linear(h * dv, d_model, **kw)
 
     def _features(self, x, positions, segment_ids, conv_caches):
-        caches = (None,) * 3 if conv_caches is None else conv_caches
-        q, cq = run_conv(self.q_conv, self.q_proj(x), segment_ids, caches[0])
-        k, ck = run_conv(self.k_conv, self.k_proj(x), segment_ids, caches[1])
-        v, cv = run_conv(self.v_conv, self.v_proj(x), segment_ids, caches[2])
-        q, k, v = self._heads(q, self.key_dim), self._heads(k, self.key_dim), self._heads(v, self.head_dim)
-        return q, k, v, {}, (None if conv_caches is None else (cq, ck, cv))
+        q, k, v, caches = self._conv_qkv(x, segment_ids, conv_caches)
+        return q, k, v, {}, caches
 
     def _static(self):
         return dict(feature_map="taylor", normalize=True, eps=self.eps)

@@ -10,9 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqmix.nn._recurrent_layer import (GatedOutput, RecurrentLayer, l2norm, mamba_decay_params, mamba_gate,
-                                        positive_int, run_conv)
+                                        positive_int)
 from seqmix.nn.mixer import no_arg, register_mixer
-from seqmix.nn.short_conv import ShortConv
 
 
 class DeltaNet(RecurrentLayer):
@@ -42,15 +41,9 @@ class DeltaNet(RecurrentLayer):
         if not isinstance(allow_neg_eigval, bool):
             raise ValueError(f"{name}: allow_neg_eigval must be a bool; got {allow_neg_eigval!r}")
         self.allow_neg_eigval = allow_neg_eigval
-        h, dk, dv = self.num_heads, self.key_dim, self.head_dim
-        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = nnx.Linear(d_model, h * dk, **kw)
-        self.k_proj = nnx.Linear(d_model, h * dk, **kw)
-        self.v_proj = nnx.Linear(d_model, h * dv, **kw)
-        conv_kw = dict(activation="silu", dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_conv = ShortConv(h * dk, conv_size, **conv_kw)
-        self.k_conv = ShortConv(h * dk, conv_size, **conv_kw)
-        self.v_conv = ShortConv(h * dv, conv_size, **conv_kw)
+        self._init_conv_qkv(d_model, conv_size, activation="silu", use_bias=use_bias, dtype=dtype,
+                            param_dtype=param_dtype, rngs=rngs)
+        h, dv = self.num_heads, self.head_dim
         self.b_proj = nnx.Linear(d_model, h, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if self._gated:
             self.a_proj = nnx.Linear(d_model, h, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -58,20 +51,15 @@ class DeltaNet(RecurrentLayer):
         self.out = GatedOutput(d_model, h, dv, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def _features(self, x, positions, segment_ids, conv_caches):
-        caches = (None,) * 3 if conv_caches is None else conv_caches
-        q, cq = run_conv(self.q_conv, self.q_proj(x), segment_ids, caches[0])
-        k, ck = run_conv(self.k_conv, self.k_proj(x), segment_ids, caches[1])
-        v, cv = run_conv(self.v_conv, self.v_proj(x), segment_ids, caches[2])
-        q = l2norm(self._heads(q, self.key_dim))
-        k = l2norm(self._heads(k, self.key_dim))
-        v = self._heads(v, self.head_dim)
+        q, k, v, caches = self._conv_qkv(x, segment_ids, conv_caches)
+        q, k = l2norm(q), l2norm(k)
         beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
         if self.allow_neg_eigval:
             beta = 2.0 * beta
         per_token = {"beta": beta}
         if self._gated:
             per_token["g"] = mamba_gate(self.a_proj(x), self.A_log[...], self.dt_bias[...])
-        return q, k, v, per_token, (None if conv_caches is None else (cq, ck, cv))
+        return q, k, v, per_token, caches
 
     def _output(self, o, x):
         return self.out(o, x)

@@ -224,8 +224,6 @@ def gated_summary(call: RecurrentCall, run) -> Summary:
     _, s_ext = run(call.replace(initial_state=None, return_state=True, post=None))
     b, h = s_ext.shape[:2]
     log_a = jnp.zeros((b, h), jnp.float32) if call.g is None else jnp.sum(call.g, axis=1)
-    if not call.gate_grad and call.g is not None:
-        log_a = jax.lax.stop_gradient(log_a)
     if call.resets is not None:
         reset = jnp.any(call.resets[:, 1:], axis=1).reshape((b,) + (1,) * (log_a.ndim - 1))
         log_a = jnp.where(reset, -jnp.inf, log_a)

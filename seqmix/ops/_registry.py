@@ -187,11 +187,6 @@ def register_family(family: Family) -> Family:
     return family
 
 
-def unregister_family(name: str) -> None:
-    """Remove a family (tests that define a toy family clean up with it)."""
-    FAMILIES.pop(name, None)
-
-
 def register_implementation(family: str, impl: Implementation) -> Implementation:
     fam = get_family(family)
     if impl.name in fam.implementations:
