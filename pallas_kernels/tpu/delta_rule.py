@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.gate_math import bounded_log_gate
 from pallas_kernels.tpu.gated_linear import (_SQ, F32, LANE_BETA, LANE_G, LANE_SID, TOK_LANES, _col_to_row,
                                              _CompilerParams, _exp_where, _iota, _nn, _nt, _tn, _vmem)
 
@@ -318,9 +319,6 @@ def _core_bwd(cfg, res, cts):
 
 _core.defvjp(_core_fwd, _core_bwd)
 
-G_FLOOR = -80.0  # log decays below are clamped (α ≈ 1.8e-35); keeps g = −inf usable
-
-
 def delta_rule(cfg: DeltaConfig, q, k, v, beta, g=None, initial_state=None, resets=None):
     """The chunked (gated) delta rule in the API layout. Returns ``o [B, T, H, Dv]`` (``cfg.out_dtype``) and
     the final state fp32 ``[B, H, Dk, Dv]``.
@@ -340,7 +338,7 @@ def delta_rule(cfg: DeltaConfig, q, k, v, beta, g=None, initial_state=None, rese
 
     gk = None
     if cfg.gated:
-        gk = kl(jnp.maximum(jnp.asarray(g, F32), G_FLOOR))
+        gk = kl(bounded_log_gate(g))
     h0 = jnp.zeros((b, h, dk, dv), F32) if initial_state is None else jnp.asarray(initial_state, F32)
     rk = None if resets is None else jnp.pad(jnp.asarray(resets, bool), [(0, 0), (0, tp - t)])
     o, sf = _core(cfg, kl(q), kl(k), kl(v.astype(q.dtype)), gk, kl(jnp.asarray(beta, F32)), h0, rk)

@@ -259,11 +259,12 @@ def _fwd_kernel(steps_ref, chunks_ref, sinks_ref, q_ref, k_ref, v_ref, qc_ref, k
         if cfg.has_sinks:  # b_h joins the denominator only
             bias = _group_column(rows, bq, g, lambda jj: sinks_ref[h * g + jj])
             m2 = jnp.maximum(m, bias)
-            corr = jnp.exp(m - m2)
-            l = l * corr + jnp.exp(bias - m2)
+            m2_use = jnp.where(m2 == -jnp.inf, 0.0, m2)  # a -inf sink on a fully masked row: no NaN
+            corr = jnp.exp(m - m2_use)
+            l = l * corr + jnp.exp(bias - m2_use)
             acc = acc * corr
             m = m2
-        ok = l > 0
+        ok = l != 0  # only fully masked rows have l == 0; NaN from the inputs propagates
         l_safe = jnp.where(ok, l, 1.0)
         _store_stacked(o_ref, jnp.where(ok, acc / l_safe, 0.0))
         lse = jnp.where(ok, m + jnp.log(l_safe), -jnp.inf)

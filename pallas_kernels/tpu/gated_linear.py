@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.gate_math import bounded_log_gate
+
 from pallas_kernels.tpu._compat import SQ as _SQ
 from pallas_kernels.tpu._compat import CompilerParams as _CompilerParams
 from pallas_kernels.tpu._compat import vmem as _vmem
@@ -549,7 +551,7 @@ def gated_linear_attention(cfg: GLAConfig, q, k, v, g=None, initial_state=None, 
     tp = -(-t // cfg.chunk) * cfg.chunk
     qk = _to_kernel(q, tp), _to_kernel(k, tp)
     vk = _to_kernel(v.astype(q.dtype), tp)
-    gk = None if g is None else _to_kernel(jnp.asarray(g, F32), tp)
+    gk = None if g is None else _to_kernel(bounded_log_gate(g), tp)
     rk = None
     if resets is not None:
         rk = jnp.pad(jnp.asarray(resets, bool), [(0, 0), (0, tp - t)])

@@ -38,16 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.gate_math import bounded_log_gate
 from seqmix.ops import _checks
 from seqmix.ops._recurrent import from_chunks, to_chunks
 
 Array = Any
 HIGHEST = jax.lax.Precision.HIGHEST
 F32 = jnp.float32
-
-# Log decays below this are clamped (exp(-80) ≈ 1.8e-35, i.e. α = 0 for every practical purpose).
-# It keeps g = -inf usable: no (−inf) − (−inf) and no 0·inf in the segment cumsum.
-G_FLOOR = -80.0
 
 # Diagonal block size of the blocked triangular inverse.
 _INV_BLOCK = 16
@@ -182,7 +179,7 @@ def _setup(c, n, k, v, g, beta, resets) -> _Chunks:
     """Chunk-parallel part: gates, A, T = (I + A)⁻¹, U, W for every chunk at once."""
     K, V = _chunk(k, c, n), _chunk(v, c, n)
     bt = _chunk(beta, c, n)
-    gg = _chunk(jnp.maximum(jnp.asarray(g, F32), G_FLOOR), c, n)
+    gg = _chunk(jnp.asarray(g, F32), c, n)
     rst = _chunk(resets[:, :, None], c, n) > 0  # [B,1,N,C]
     gt = _gates(gg, rst)
     KK = _mm("...id,...jd->...ij", K, K)
@@ -290,7 +287,7 @@ def _core_bwd(st, res, cts):
     dG = jnp.sum(dlog, axis=-1) - jnp.sum(dlog, axis=-2) + deg * gt.eg - dden
     dG = dG.at[..., -1].add(jnp.sum(dden, axis=-1) + dgc * gt.gc)
     dgc_ = jnp.sum(jnp.where(gt.lseg, dG[..., :, None], 0.0), axis=-2)  # dg_j = Σ_{i>=j, same seg} dG_i
-    dg = _unchunk(dgc_, t) * (jnp.asarray(g, F32) > G_FLOOR)
+    dg = _unchunk(dgc_, t)
 
     dq = (_unchunk(dQ, t) * st.scale).astype(q.dtype)
     dk = _unchunk(dK, t).astype(k.dtype)
@@ -305,7 +302,7 @@ _delta_core.defvjp(_core_fwd, _core_bwd)
 def _defaults(q_or_k, v, beta, g, initial_state, resets):
     b, t, h, dk = q_or_k.shape
     dv = v.shape[-1]
-    g = jnp.zeros((b, t, h), F32) if g is None else jnp.asarray(g, F32)
+    g = jnp.zeros((b, t, h), F32) if g is None else bounded_log_gate(g)  # clamped outside the custom VJP
     s0 = jnp.zeros((b, h, dk, dv), F32) if initial_state is None else jnp.asarray(initial_state, F32)
     resets = jnp.zeros((b, t), bool) if resets is None else jnp.asarray(resets, bool)
     return jnp.asarray(beta, F32), g, s0, resets

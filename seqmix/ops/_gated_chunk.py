@@ -46,6 +46,10 @@ final-state cotangent, the term ``Σ_v S_T ⊙ dS_T`` is cancelled token by toke
 which leaves absolute fp32 noise of order ``ε·|S_T|·|dS_T|`` on the row's last segment where the true
 gradient is ~0 (fast-decaying gates); removing it would need a second reverse state pass.
 
+Gates are clamped at ``pallas_kernels.gate_math.LOG_GATE_FLOOR`` (-30) first, so ``g = -inf`` (a hard
+reset) and huge negative gates stay exact to fp32 precision instead of turning into NaN or swamping the
+cumsum.
+
 Precision: matmul operands in the input dtype, ``preferred_element_type=float32``; gate cumsums, decay
 factors, ``P`` (before the PV matmul), the state carry and every gradient reduction are fp32.
 """
@@ -60,6 +64,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.gate_math import bounded_log_gate
 from seqmix.ops import _checks
 from seqmix.ops._recurrent import from_chunks, to_chunks
 
@@ -436,7 +441,7 @@ def gated_chunk(q, k, v, g=None, *, scale: float, initial_state=None, resets=Non
     """
     cfg = make_config(q, g, chunk_size, scale)
     v = v.astype(q.dtype)
-    return _chunked_jit(cfg, q, k, v, g, initial_state, resets)
+    return _chunked_jit(cfg, q, k, v, bounded_log_gate(g), initial_state, resets)
 
 
 def chunked_call(call):

@@ -58,10 +58,11 @@ def attention_reference(call: AttentionCall):
     l = p.sum(-1)
     if call.sink_logits is not None:
         l = l + jnp.exp(sink - m_safe)
-    l_safe = jnp.where(l > 0, l, 1.0)
+    empty = l == 0  # fully masked rows; NaN inputs keep l (and so o and lse) NaN
+    l_safe = jnp.where(empty, 1.0, l)
     o = jnp.einsum("bhgts,bshd->bthgd", p / l_safe[..., None], call.v.astype(jnp.float32), precision=HIGHEST)
     o = o.reshape(b, tq, hq, -1).astype(call.q.dtype)
-    lse = jnp.where(l > 0, m_safe + jnp.log(l_safe), -jnp.inf).reshape(b, hq, tq)
+    lse = jnp.where(empty, -jnp.inf, m_safe + jnp.log(l_safe)).reshape(b, hq, tq)
     return finish(call, o, lse)
 
 
@@ -77,10 +78,11 @@ def merge_lse(o1, lse1, o2, lse2):
     m_safe = jnp.where(m == -jnp.inf, 0.0, m)
     w1, w2 = jnp.exp(lse1 - m_safe), jnp.exp(lse2 - m_safe)
     tot = w1 + w2
-    tot_safe = jnp.where(tot > 0, tot, 1.0)
+    empty = tot == 0  # NaN partials stay NaN
+    tot_safe = jnp.where(empty, 1.0, tot)
     to_bthd = lambda w: jnp.swapaxes(w, 1, 2)[..., None]  # noqa: E731
     o = (to_bthd(w1) * o1.astype(jnp.float32) + to_bthd(w2) * o2.astype(jnp.float32)) / to_bthd(tot_safe)
-    lse = jnp.where(tot > 0, m_safe + jnp.log(tot_safe), -jnp.inf)
+    lse = jnp.where(empty, -jnp.inf, m_safe + jnp.log(tot_safe))
     return o, lse
 
 

@@ -130,11 +130,14 @@ def _flash_forward(st: _Static, q, k, v, sink, cls, qmeta, kmeta):
         if st.has_sink:
             bias = sink.astype(jnp.float32).reshape(1, hkv, g, 1)
             m2 = jnp.maximum(m, bias)
-            corr = jnp.exp(m - m2)
-            l, acc, m = l * corr + jnp.exp(bias - m2), acc * corr[..., None], m2
-        l_safe = jnp.where(l > 0, l, 1.0)
-        o = jnp.where((l > 0)[..., None], acc / l_safe[..., None], 0.0)
-        lse = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
+            m2_use = jnp.where(m2 == -jnp.inf, 0.0, m2)  # a -inf sink on a fully masked row: no NaN
+            corr = jnp.exp(m - m2_use)
+            l, acc, m = l * corr + jnp.exp(bias - m2_use), acc * corr[..., None], m2
+        # Only a fully masked row has l == 0 (o = 0, lse = -inf); a NaN from the inputs stays NaN.
+        empty = l == 0
+        l_safe = jnp.where(empty, 1.0, l)
+        o = jnp.where(empty[..., None], 0.0, acc / l_safe[..., None])
+        lse = jnp.where(empty, -jnp.inf, m + jnp.log(l_safe))
         return o, lse
 
     return jax.lax.map(q_block, (qb, qmeta, cls))
