@@ -5,6 +5,9 @@
 * ``lm(tokens [B, T], positions=[T], segment_ids=[B, T]) -> logits [B, T, vocab]`` (fp32);
 * ``caches = lm.init_cache(B, max_len)``; ``logits, caches = lm.decode(tokens [B, T_new], caches)``;
 * ``lm.generate(prompt [B, T0], n) -> [B, T0 + n]`` (greedy, jitted: prefill then a loop of steps).
+
+Token ids must lie in ``[0, vocab_size)``: outside jit anything else is a ValueError; under jit (ids not
+known) an invalid id's rows get NaN logits, never the embedding of a clamped or wrapped id.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from flax import nnx
 from seqmix.models import mixers as mixers_lib
 from seqmix.nn.blocks import Block
 from seqmix.nn.norm import RMSNorm
+from seqmix.ops import _checks
 
 _COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -182,7 +186,15 @@ class LM(nnx.Module):
             raise ValueError(f"LM: {name} must be an int array [batch, seq]; got {tokens.dtype}{list(tokens.shape)}")
         if tokens.shape[1] < 1:
             raise ValueError(f"LM: {name} must hold at least one token per row; got shape {list(tokens.shape)}")
-        return tokens.astype(jnp.int32)
+        if _checks.is_concrete(tokens) and tokens.size:
+            lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"LM: {name} must be ids in [0, vocab_size={self.config.vocab_size}); "
+                                 f"got values in [{lo}, {hi}]")
+        # Under jit the ids are not known: send every invalid one (negative ids included, which a gather
+        # would wrap) past the table, where the embedding gather fills NaN, so its logits are NaN.
+        vocab = self.config.vocab_size
+        return jnp.where((tokens < 0) | (tokens >= vocab), vocab, tokens).astype(jnp.int32)
 
     def _logits(self, h):
         h = self.norm(h)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -51,3 +52,8 @@ def require_same_dtype(**arrays) -> None:
     if len(set(dtypes.values())) > 1:
         listing = ", ".join(f"{n}={d}" for n, d in dtypes.items())
         raise ValueError(f"inputs must share one dtype; got {listing}")
+
+
+def is_concrete(x) -> bool:
+    """True for values known now (numpy or committed jax arrays), False for tracers under jit/grad."""
+    return not isinstance(x, jax.core.Tracer)

@@ -122,7 +122,7 @@ def prepare_recurrent(q, k, v, *, scale=None, initial_state=None, return_state=F
     if beta is not None:
         _checks.require_float("beta", beta)
         _checks.require_shape("beta", beta, (b, t, h), "[batch, seq, heads]")
-        if beta_range is not None and _is_concrete(beta):
+        if beta_range is not None and _checks.is_concrete(beta):
             lo, hi = beta_range
             values = np.asarray(beta, np.float32)
             bmin, bmax = float(values.min()), float(values.max())
@@ -145,17 +145,12 @@ def _check_gate(g, kinds, b, t, h, dk):
     if not any(shape == allowed[kd] for kd in kinds):
         raise ValueError(f"g (log-space gate) must have shape {_gate_layouts(kinds, b, t, h, dk)}; "
                          f"got {_checks.shape_str(g)}")
-    if _is_concrete(g) and not bool(np.all(np.asarray(g, np.float32) <= 0)):  # also catches NaN
+    if _checks.is_concrete(g) and not bool(np.all(np.asarray(g, np.float32) <= 0)):  # also catches NaN
         raise ValueError(f"g is a log decay and must be <= 0 (no NaN); got max {float(np.max(np.asarray(g))):.4g}")
     g = jnp.asarray(g, jnp.float32)
     if shape == (h,):
         g = jnp.broadcast_to(g[None, None, :], (b, t, h))
     return g
-
-
-def _is_concrete(x) -> bool:
-    """True for values known now (numpy or committed jax arrays), False for tracers under jit/grad."""
-    return not isinstance(x, jax.core.Tracer)
 
 
 def scan_reference(call: RecurrentCall, step: Callable) -> tuple[Array, Array]:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from seqmix.ops import _registry, block_meta
 from seqmix.ops.attention_call import AttentionCall, finish, prepare_attention
 from seqmix.ops.attention_xla import attention_xla
-from seqmix.ops.kv_cache import KVCache, cache_size_for, init_kv_cache, update_kv_cache
+from seqmix.ops.kv_cache import KVCache, cache_size_for, init_kv_cache, kv_cache_overflow, update_kv_cache
 from seqmix.ops.tpu import attention as tpu_attention
 
 Array = Any
@@ -99,6 +99,7 @@ def attention_decode(q, k, v, cache: KVCache, *, mask=None, segment_ids=None, sc
     """
     # Attend over the old cache plus the new tokens, then store only the survivors: a prefill longer
     # than a window ring must still see every key of its own prompt.
+    overflow = kv_cache_overflow(cache, mask, q.shape[1])
     new_cache, pos, rel = update_kv_cache(cache, k, v, segment_ids)
     b, t = q.shape[:2]
     seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
@@ -107,8 +108,9 @@ def attention_decode(q, k, v, cache: KVCache, *, mask=None, segment_ids=None, sc
                     soft_cap=soft_cap, q_positions=pos, kv_positions=jnp.concatenate([cache.pos, pos]),
                     segment_ids=None if segment_ids is None else (seg, cat(cache.seg, seg)),
                     relative_positions=(rel, cat(cache.rel, rel)), impl=impl)
-    cache = new_cache
-    return out, cache
+    if overflow is not None:  # under jit: the rows are NaN, never silently wrong (see kv_cache_overflow)
+        out = jnp.where(overflow, jnp.nan, out).astype(out.dtype)
+    return out, new_cache
 
 
 # ----------------------------------------------------------------------------- record

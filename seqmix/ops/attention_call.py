@@ -88,6 +88,8 @@ def prepare_attention(q, k, v, *, mask=None, segment_ids=None, scale=None, sink_
         kv_positions = jnp.arange(s, dtype=jnp.int32)
     q_pos = _checks.require_int_array("q_positions", q_positions, (tq,), "[q_seq]")
     kv_pos = _checks.require_int_array("kv_positions", kv_positions, (s,), "[kv_seq]")
+    if _checks.is_concrete(q_pos) and _checks.is_concrete(kv_pos):
+        mask.check_positions(int(jnp.max(q_pos)), int(jnp.max(kv_pos)))
     q_seg = kv_seg = None
     if segment_ids is not None:
         if isinstance(segment_ids, (tuple, list)):

@@ -1,7 +1,11 @@
 """KV caches for decoding softmax attention: full, sliding-window ring, sinks + window (a pytree).
 
-Overflow: a ring never overflows, it overwrites its oldest slot; sizing it from the mask with
-:func:`cache_size_for` keeps every key the mask allows.
+Overflow: a ring overwrites its oldest slot. That is exact when the cache serves the mask (a ring at
+least as long as a sliding window, as many sink slots as the mask keeps: what :func:`cache_size_for`
+gives); otherwise (a full cache for a causal or full mask) writing past its ``n_sink + ring`` slots
+would drop keys the mask still allows, so ``attention_decode`` raises ValueError when the cache's fill
+is known (outside jit) and returns NaN rows under jit, never a silently wrong output
+(:func:`kv_cache_overflow`).
 """
 
 from __future__ import annotations
@@ -73,6 +77,22 @@ def cache_size_for(mask: masks_lib.Mask | None, max_len: int) -> tuple[int, int]
     recent, n_sink = (None, 0) if mask is None else mask.cache_extent()
     ring = max_len if recent is None else max(1, min(recent, max_len))
     return ring, min(n_sink, max_len)
+
+
+def kv_cache_overflow(cache: KVCache, mask: masks_lib.Mask | None, new_tokens: int):
+    """None if appending ``new_tokens`` can never lose a key ``mask`` allows; otherwise a bool scalar
+    (True: it does), after raising ValueError if that is already known (a concrete ``next_pos``)."""
+    recent, sinks = (None, 0) if mask is None else mask.cache_extent()
+    if recent is not None and cache.ring >= recent and cache.n_sink >= sinks:
+        return None  # a ring that serves the mask only overwrites keys it no longer allows
+    overflow = cache.next_pos + new_tokens > cache.n_slots
+    if not isinstance(overflow, jax.core.Tracer) and bool(overflow):
+        need = "every past key" if recent is None else f"a ring of {recent} and {sinks} sink slots"
+        raise ValueError(
+            f"KV cache overflow: it holds {cache.next_pos} tokens in {cache.n_slots} slots (ring {cache.ring}, "
+            f"{cache.n_sink} sinks) and {new_tokens} more would evict keys the mask still allows (it needs "
+            f"{need}); size the cache with cache_size_for(mask, max_len)")
+    return overflow
 
 
 def _slots(pos, n_sink: int, ring: int):

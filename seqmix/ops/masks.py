@@ -64,6 +64,10 @@ class Mask:
         use it to size ring buffers."""
         return None, 0
 
+    def check_positions(self, q_pos_max: int, kv_pos_max: int) -> None:
+        """Raise ValueError if the mask cannot describe a call whose positions reach these maxima
+        (only position tables such as :class:`Explicit` have a limit)."""
+
     def __and__(self, other: "Mask") -> "Mask":
         return And(_check_mask(self), _check_mask(other))
 
@@ -81,6 +85,10 @@ def _check_mask(m) -> Mask:
 class And(Mask):
     a: Mask
     b: Mask
+
+    def check_positions(self, q_pos_max, kv_pos_max):
+        self.a.check_positions(q_pos_max, kv_pos_max)
+        self.b.check_positions(q_pos_max, kv_pos_max)
 
     def allowed(self, q, kv):
         return self.a.allowed(q, kv) & self.b.allowed(q, kv)
@@ -104,6 +112,10 @@ class And(Mask):
 class Or(Mask):
     a: Mask
     b: Mask
+
+    def check_positions(self, q_pos_max, kv_pos_max):
+        self.a.check_positions(q_pos_max, kv_pos_max)
+        self.b.check_positions(q_pos_max, kv_pos_max)
 
     def allowed(self, q, kv):
         return self.a.allowed(q, kv) | self.b.allowed(q, kv)
@@ -256,10 +268,13 @@ class PrefixLM(Mask):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Explicit(Mask):
-    """A static boolean ``[Tq, S]`` matrix indexed by (q position, kv position).
+    """A static boolean matrix indexed by (q position, kv position).
 
-    Positions outside the matrix are not allowed. Block bounds come from a summed-area table, so
-    blocks of a block-sparse pattern are skipped like those of any other mask.
+    With the default positions of a self-attention call that is a ``[T, T]`` matrix; with ``Tq < S``
+    queries sit at positions ``S - Tq ..  S - 1`` (bottom-right aligned), so the matrix needs ``S`` rows.
+    A call whose positions reach past the matrix raises ValueError (when its positions are known, i.e.
+    outside jit); a larger matrix is fine (its top-left part is used). Block bounds come from a
+    summed-area table, so blocks of a block-sparse pattern are skipped like those of any other mask.
     """
 
     matrix: np.ndarray
@@ -272,6 +287,14 @@ class Explicit(Mask):
         sat = np.zeros((m.shape[0] + 1, m.shape[1] + 1), np.int32)
         sat[1:, 1:] = m.astype(np.int32).cumsum(0).cumsum(1)
         object.__setattr__(self, "_sat", sat)
+
+    def check_positions(self, q_pos_max, kv_pos_max):
+        t, s = self.matrix.shape
+        if q_pos_max >= t or kv_pos_max >= s:
+            raise ValueError(
+                f"Explicit mask of shape {[t, s]} does not cover this call: it needs at least "
+                f"{[q_pos_max + 1, kv_pos_max + 1]} (q positions up to {q_pos_max}, kv positions up to "
+                f"{kv_pos_max}; queries are bottom-right aligned by default, at S - Tq .. S - 1)")
 
     def allowed(self, q, kv):
         t, s = self.matrix.shape

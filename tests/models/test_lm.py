@@ -187,3 +187,16 @@ def test_packed_segments_equal_separate_documents(spec):
     got = _forward(model, packed, positions, seg)
     want = jnp.concatenate([_forward(model, d) for d in docs], 1)
     assert_close(got, want)
+
+
+def test_token_ids_outside_the_vocabulary():
+    model = LM(LMConfig(mixers="attn,gla", **SMALL), rngs=nnx.Rngs(0))
+    for bad in ([[1, 17]], [[-1, 3]]):
+        with pytest.raises(ValueError, match=r"tokens must be ids in \[0, vocab_size=17\)"):
+            model(jnp.array(bad))
+    with pytest.raises(ValueError, match="prompt must be ids"):
+        model.generate(jnp.array([[3, 99]]), 2)
+    # under jit the ids are unknown: the invalid ones (negative included) give NaN logits, never a wrapped id
+    logits = _forward(model, jnp.array([[1, 2, 3, 4], [1, 2, 17, 4], [1, -1, 3, 4]]))
+    assert bool(jnp.isfinite(logits[0]).all())
+    assert bool(jnp.isnan(logits[1, 2:]).all()) and bool(jnp.isnan(logits[2, 1:]).all())

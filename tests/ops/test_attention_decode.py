@@ -68,3 +68,32 @@ def test_packed_decode_with_sinks_is_refused():
     cache = ops.init_kv_cache(1, 2, 8, ring=4, n_sink=2)
     with pytest.raises(NotImplementedError, match="sink"):
         ops.attention_decode(q, k, v, cache, segment_ids=jnp.zeros((1, 4), jnp.int32))
+
+
+def test_overflowing_a_cache_raises_and_is_nan_under_jit():
+    """A full cache for a causal mask: the (n_slots + 1)-th token would evict a key the mask allows."""
+    q, k, v = qkv(1, 1, 1, 1, 2, 2, 8)
+    cache = ops.init_kv_cache(1, 2, 8, ring=3)
+    for _ in range(3):
+        _, cache = ops.attention_decode(q, k, v, cache, mask=M.Causal())
+    with pytest.raises(ValueError, match="KV cache overflow.*cache_size_for"):
+        ops.attention_decode(q, k, v, cache, mask=M.Causal())
+    with pytest.raises(ValueError, match="KV cache overflow"):  # a two-token step that crosses the end
+        ops.attention_decode(*qkv(1, 1, 2, 2, 2, 2, 8), ops.init_kv_cache(1, 2, 8, ring=3)._replace(
+            next_pos=jnp.asarray(2, jnp.int32)), mask=M.Causal())
+    o, _ = jax.jit(lambda c: ops.attention_decode(q, k, v, c, mask=M.Causal()))(cache)
+    assert bool(jnp.isnan(o).all())
+
+
+def test_a_ring_that_serves_the_mask_never_overflows():
+    """A sliding-window ring (and sinks + window) overwrites only keys the mask no longer allows."""
+    t = 12
+    for mask in (M.LocalWindow(3), M.streaming(3, 2)):
+        q, k, v = qkv(1, 1, t, t, 2, 2, 8)
+        ring, n_sink = ops.cache_size_for(mask, 4)  # sized for a shorter stream than we decode
+        cache = ops.init_kv_cache(1, 2, 8, ring=ring, n_sink=n_sink)
+        outs = []
+        for i in range(t):
+            o, cache = ops.attention_decode(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], cache, mask=mask)
+            outs.append(o)
+        assert_close(jnp.concatenate(outs, 1), ops.attention(q, k, v, mask=mask))

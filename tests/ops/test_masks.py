@@ -102,3 +102,16 @@ def test_segment_relative():
     seg = jnp.array([[0, 0, 1, 1, 1, 2]])
     rel = M.segment_relative(jnp.arange(6, dtype=jnp.int32), seg)
     assert rel.tolist() == [[0, 1, 0, 1, 2, 0]]
+
+
+def test_explicit_mask_must_cover_the_call():
+    from seqmix import ops
+
+    x = jnp.ones((1, 8, 2, 8))
+    for shape in [(6, 8), (8, 6), (8, 7)]:
+        with pytest.raises(ValueError, match="Explicit mask of shape .* does not cover this call"):
+            ops.attention(x, x, x, mask=M.Explicit(np.ones(shape, bool)))
+    with pytest.raises(ValueError, match=r"needs at least \[8, 8\]"):  # Tq < S: queries sit at S - Tq .. S - 1
+        ops.attention(x[:, :4], x, x, mask=M.Explicit(np.ones((4, 8), bool)) & M.Causal())
+    big = np.tril(np.ones((12, 12), bool))  # a larger table is indexed by position: its top-left part
+    assert jnp.allclose(ops.attention(x, x, x, mask=M.Explicit(big)), ops.attention(x, x, x, mask=M.Causal()))
