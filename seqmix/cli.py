@@ -3,10 +3,14 @@
 * ``seqmix train [flags]``: the main job. With no flags it trains a small byte-level LM with softmax
   attention on the Python standard library's source, on CPU in a few minutes (see
   ``seqmix.train.config.TrainConfig`` for every default and ``seqmix train --help`` for the flags).
+* ``seqmix generate --out RUN_DIR --prompt TEXT``: continue a prompt with a trained run's model
+  (sampled with ``--temperature``/``--top-k``, or ``--temperature 0`` for greedy).
 * ``seqmix info``: versions, devices, and the capability matrix of the registered attention families.
 * ``seqmix bench [args]``: runs ``experiments/bench.py`` of a source checkout with ``args``.
 
-Bad flags or settings print one ``error:`` line and exit with status 2.
+Bad flags or settings print one ``error:`` line and exit with status 2. Ctrl-C or SIGTERM during
+``seqmix train`` saves a checkpoint at the current step, prints how to resume and exits with
+``128 + signal`` (no traceback).
 """
 
 from __future__ import annotations
@@ -29,16 +33,65 @@ def build_parser() -> argparse.ArgumentParser:
     from seqmix.train.config import add_train_arguments
 
     parser = _Parser(prog="seqmix", description="seqmix: attention families as JAX/Flax NNX modules.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,info,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,generate,info,bench}")
     train = sub.add_parser("train", help="train a small LM on a task (default: byte-level LM on CPU)",
                            description="Train a small LM. With no flags: the main job (byte-level LM on the "
                                        "Python stdlib, softmax attention, a few minutes on CPU).")
     add_train_arguments(train)
     train.set_defaults(subparser=train)
+    gen = sub.add_parser("generate", help="continue a prompt with a trained run's model",
+                         description="Continue --prompt with the model of a `seqmix train` run directory.")
+    add_generate_arguments(gen)
+    gen.set_defaults(subparser=gen)
     sub.add_parser("info", help="versions, devices and the capability matrix")
     sub.add_parser("bench", help="run experiments/bench.py from the repository (arguments pass through)",
                    add_help=False)
     return parser
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    from seqmix.train.trainer import SAMPLING
+
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="the run directory (seqmix train --out)")
+    parser.add_argument("--prompt", required=True, help="text to continue (byte-level tasks)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                        help="tokens to add (capped by the model's max_len) [default: 200]")
+    parser.add_argument("--temperature", type=float, default=SAMPLING["temperature"],
+                        help=f"sampling temperature; 0 = greedy [default: {SAMPLING['temperature']}]")
+    parser.add_argument("--top-k", type=int, default=SAMPLING["top_k"], metavar="K",
+                        help=f"sample among the K most likely tokens; 0 = all [default: {SAMPLING['top_k']}]")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed [default: 0]")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step [default: the latest]")
+
+
+def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import jax
+    import numpy as np
+
+    from seqmix.train.loading import load_run
+    from seqmix.train.tasks import TASKS
+
+    try:
+        run = load_run(args.out, args.step)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    task = TASKS[run.train_config.task]
+    if not hasattr(task, "encode"):
+        parser.error(f"the run trained task {run.train_config.task!r}, which has no text encoding; "
+                     f"generate needs a byte-level run (--task bytes)")
+    prompt = task.encode(args.prompt)
+    room = run.model.config.max_len - len(prompt)
+    if len(prompt) == 0 or room < 1:
+        parser.error(f"--prompt must hold 1 to {run.model.config.max_len - 1} bytes (the model's max_len is "
+                     f"{run.model.config.max_len}); got {len(prompt)}")
+    n = min(args.max_new_tokens, room)
+    try:
+        tokens = run.model.generate(jax.numpy.asarray(prompt)[None], n, temperature=args.temperature,
+                                    top_k=args.top_k or None, key=jax.random.key(args.seed))
+    except ValueError as err:
+        parser.error(str(err))
+    print(task.decode(np.asarray(tokens[0])))
+    return 0
 
 
 def _version(dist: str) -> str:
@@ -95,6 +148,7 @@ def bench(args: list[str]) -> int:
 
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from seqmix.train.config import TrainConfig, merge_for_resume, overrides_from_args
+    from seqmix.train.interrupt import TrainingInterrupted
     from seqmix.train.trainer import format_report, load_run_config, prepare, train
 
     overrides = overrides_from_args(args)
@@ -110,7 +164,11 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         setup = prepare(cfg, resume=args.resume)
     except ValueError as err:
         parser.error(str(err))
-    result = train(setup.cfg, resume=args.resume, stop_at=args.stop_at, setup=setup)
+    try:
+        result = train(setup.cfg, resume=args.resume, stop_at=args.stop_at, setup=setup)
+    except TrainingInterrupted as stop:
+        print(f"{stop}\nresume with: seqmix train --out {stop.out} --resume", file=sys.stderr)
+        return 128 + stop.signum
     print(format_report(result, setup.cfg.task))
     return 0
 
@@ -125,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         return info()
     if args.command == "train":
         return run_train(args, args.subparser)
+    if args.command == "generate":
+        return run_generate(args, args.subparser)
     parser.print_help()
     return 2
 

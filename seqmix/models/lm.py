@@ -4,7 +4,8 @@
 
 * ``lm(tokens [B, T], positions=[T], segment_ids=[B, T]) -> logits [B, T, vocab]`` (fp32);
 * ``caches = lm.init_cache(B, max_len)``; ``logits, caches = lm.decode(tokens [B, T_new], caches)``;
-* ``lm.generate(prompt [B, T0], n) -> [B, T0 + n]`` (greedy, jitted: prefill then a loop of steps).
+* ``lm.generate(prompt [B, T0], n, temperature=0, top_k=None, key=None) -> [B, T0 + n]`` (greedy, or
+  sampled with a temperature and top-k; jitted: prefill then a loop of steps).
 
 Token ids must lie in ``[0, vocab_size)``: outside jit anything else is a ValueError; under jit (ids not
 known) an invalid id's rows get NaN logits, never the embedding of a clamped or wrapped id.
@@ -236,38 +237,60 @@ class LM(nnx.Module):
             new_caches.append(cache)
         return self._logits(h), new_caches
 
-    def generate(self, prompt, max_new_tokens: int):
-        """Greedy continuation: ``prompt`` int ``[B, T0]`` -> ``[B, T0 + max_new_tokens]`` int32.
+    def generate(self, prompt, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+                 key=None):
+        """Continue ``prompt`` int ``[B, T0]`` -> ``[B, T0 + max_new_tokens]`` int32.
 
-        Jitted (one compilation per prompt shape and ``max_new_tokens``): prefill the prompt through
-        the caches, then ``max_new_tokens - 1`` single-token decode steps in a ``fori_loop``.
+        ``temperature = 0`` (default) is greedy; ``temperature > 0`` samples from
+        ``softmax(logits / temperature)``, restricted to the ``top_k`` most likely tokens when given,
+        with ``key`` (a ``jax.random`` key; default ``jax.random.key(0)``). Jitted (one compilation per
+        prompt shape, ``max_new_tokens`` and sampling settings): prefill the prompt through the caches,
+        then ``max_new_tokens - 1`` single-token decode steps in a ``fori_loop``.
         """
         prompt = self._check_tokens(prompt, "prompt")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"LM.generate: max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError(f"LM.generate: temperature must be a number >= 0; got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                  or not 1 <= top_k <= self.config.vocab_size):
+            raise ValueError(f"LM.generate: top_k must be None or an int in [1, vocab_size="
+                             f"{self.config.vocab_size}]; got {top_k!r}")
         total = prompt.shape[1] + max_new_tokens
         if total > self.config.max_len:
             raise ValueError(f"LM.generate: prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} "
                              f"= {total} exceeds config.max_len={self.config.max_len}")
         if max_new_tokens == 0:
             return prompt
+        key = jax.random.key(0) if key is None else key
         graphdef, state = nnx.split(self)
-        return _generate(graphdef, state, prompt, max_new_tokens)
+        return _generate(graphdef, state, prompt, max_new_tokens, float(temperature), top_k, key)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _generate(graphdef, state, prompt, max_new_tokens: int):
+def _next_token(logits, temperature: float, top_k: int | None, key):
+    """Greedy (``temperature == 0``) or a sample from the tempered, top-k-restricted distribution."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def _generate(graphdef, state, prompt, max_new_tokens: int, temperature: float, top_k, key):
     model = nnx.merge(graphdef, state)
     b, t0 = prompt.shape
     caches = model.init_cache(b, t0 + max_new_tokens)
     logits, caches = model.decode(prompt, caches)
-    tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    tok = _next_token(logits[:, -1], temperature, top_k, jax.random.fold_in(key, 0))
     out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(tok)
 
     def step(i, carry):
         out, tok, caches = carry
         logits, caches = model.decode(tok[:, None], caches)
-        tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        tok = _next_token(logits[:, -1], temperature, top_k, jax.random.fold_in(key, i))
         return out.at[:, i].set(tok), tok, caches
 
     out, _, _ = jax.lax.fori_loop(1, max_new_tokens, step, (out, tok, caches))

@@ -20,6 +20,8 @@ from seqmix.parallel.strategies import SOFTMAX_STRATEGY_NAMES as SP_STRATEGIES  
 DTYPES = ("float32", "bfloat16")
 SP_LAYOUTS = ("", "contiguous", "zigzag", "striped")  # "" = contiguous
 
+DEFAULT_WARMUP = 30  # warmup steps when unset (and at least 10 steps per warmup step: steps // 10)
+
 # Settings a resumed run may change; every other field must match the checkpoint.
 RESUMABLE_FIELDS = frozenset({"steps", "eval_every", "eval_batches", "log_every", "ckpt_every",
                               "keep_checkpoints", "out", "sample_len", "mesh", "sp_strategy", "sp_layout"})
@@ -47,7 +49,7 @@ class TrainConfig:
     # optimizer: AdamW, linear warmup then cosine decay to lr * min_lr_ratio, global-norm clipping
     steps: int = 300
     lr: float = 3e-3
-    warmup: int = 30
+    warmup: int | None = None              # None: 10% of steps, at most 30 (DEFAULT_WARMUP)
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     b1: float = 0.9
@@ -64,7 +66,12 @@ class TrainConfig:
     sp_strategy: str = "allgather"         # with a seq axis > 1: softmax layers' strategy (recurrent: LASP-2)
     sp_layout: str = ""                    # with a seq axis > 1: "" (contiguous), "zigzag" or "striped"
     out: str | None = None                 # run directory; default runs/<task>-<timestamp>
-    sample_len: int = 80                   # bytes task: greedy sample length at the end
+    sample_len: int = 80                   # bytes task: length of the sample printed at the end
+
+    @property
+    def warmup_steps(self) -> int:
+        """The warmup the schedule uses: ``warmup``, or when unset 10% of ``steps`` capped at 30."""
+        return min(DEFAULT_WARMUP, self.steps // 10) if self.warmup is None else self.warmup
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -109,7 +116,8 @@ class TrainConfig:
                      "eval_batches", "ckpt_every", "keep_checkpoints"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
-        need(0 <= self.warmup <= self.steps, f"warmup must be in [0, steps={self.steps}], got {self.warmup}")
+        need(self.warmup is None or (isinstance(self.warmup, int) and 0 <= self.warmup <= self.steps),
+             f"warmup must be in [0, steps={self.steps}], got {self.warmup}")
         need(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
@@ -195,7 +203,8 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--batch-size", "batch_size", int, "sequences per step (global, split over the data/fsdp mesh axes)"),
     ("--seq-len", "seq_len", int, "tokens per sequence"),
     ("--lr", "lr", float, "peak learning rate (AdamW)"),
-    ("--warmup", "warmup", int, "linear warmup steps before the cosine decay"),
+    ("--warmup", "warmup", int, "linear warmup steps before the cosine decay (default: 10%% of --steps, at most "
+     f"{DEFAULT_WARMUP})"),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay (matrices only)"),
     ("--grad-clip", "grad_clip", float, "global gradient-norm clip"),
     ("--seed", "seed", int, "seed for parameters and data order"),

@@ -41,10 +41,12 @@ from jax.sharding import PartitionSpec as P
 
 from seqmix.train.checkpoint import Checkpointer
 from seqmix.train.config import MESH_AXES, RESUMABLE_FIELDS, TrainConfig, parse_mesh
+from seqmix.train.interrupt import StopOnSignal, TrainingInterrupted
 from seqmix.train.metrics import MetricsWriter, plot_metrics, read_metrics
 from seqmix.train.tasks import get_task
 
 BATCH_AXES = ("data", "fsdp")  # mesh axes the batch dimension is split over
+SAMPLING = {"temperature": 0.8, "top_k": 40}  # the end-of-run sample (also `seqmix generate`'s default)
 # optax.global_norm is deprecated in favour of optax.tree.norm (newer optax); support both.
 _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
@@ -71,9 +73,10 @@ def model_config(cfg: TrainConfig, vocab_size: int):
 def learning_rate_schedule(cfg) -> optax.Schedule:
     """Linear warmup from ``lr / warmup`` to ``lr`` over ``warmup`` steps, cosine decay to
     ``lr * min_lr_ratio`` at ``steps``."""
+    warmup = cfg.warmup_steps
     return optax.warmup_cosine_decay_schedule(
-        init_value=cfg.lr / max(cfg.warmup, 1), peak_value=cfg.lr, warmup_steps=cfg.warmup,
-        decay_steps=max(cfg.steps, cfg.warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+        init_value=cfg.lr / max(warmup, 1), peak_value=cfg.lr, warmup_steps=warmup,
+        decay_steps=max(cfg.steps, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio)
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
@@ -139,9 +142,11 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> Setup:
     lm_config = model_config(cfg, task.vocab_size)
     sp = sequence_parallel_for(cfg, mesh, lm_config)
     ckpt_dir = out / "checkpoints"
-    # Finished checkpoints are directories named by their step (Orbax writes to a temporary name first).
-    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit()) \
-        if ckpt_dir.is_dir() else []
+    # Orbax lists finished checkpoints only: one interrupted mid-save (kill -9) is never picked.
+    steps = []
+    if ckpt_dir.is_dir():
+        with Checkpointer(ckpt_dir) as existing:
+            steps = sorted(existing.all_steps())
     resume_step = None
     if resume:
         saved = load_run_config(out)
@@ -204,9 +209,14 @@ class OptimizerSettings:
     b2: float
     grad_clip: float
 
+    @property
+    def warmup_steps(self) -> int:
+        return self.warmup
+
     @classmethod
     def of(cls, cfg: TrainConfig) -> "OptimizerSettings":
-        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+        values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)}
+        return cls(**{**values, "warmup": cfg.warmup_steps})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,42 +389,57 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
     last_eval: dict[str, Any] | None = None
     compile_s = None
     t_interval, tokens_interval = time.perf_counter(), 0
+    postfix: dict[str, str] = {}
+
+    def show(refresh: bool = False):
+        if last_eval is not None:
+            postfix[task.primary_metric] = f"{last_eval[task.primary_metric]:.3f}"
+        bar.set_postfix(postfix, refresh=refresh)
+
+    def log_train(step: int):
+        nonlocal pending, t_interval, tokens_interval
+        host = jax.device_get(pending)
+        pending = []
+        loss = float(np.mean([h["loss"] for h in host]))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training diverged: loss {loss} at step {step} (try a lower --lr)")
+        now = time.perf_counter()
+        tps = tokens_interval / (now - t_interval) if tokens_interval else None
+        emit({"kind": "train", "step": step, "loss": loss, "lr": float(schedule(step - 1)),
+              "grad_norm": float(np.mean([h["grad_norm"] for h in host])), "tokens_per_s": tps,
+              "elapsed_s": prior_elapsed + now - t_start})
+        t_interval, tokens_interval = now, 0
+        postfix["loss"] = f"{loss:.3f}"
+        if tps:
+            postfix["tok/s"] = f"{tps:,.0f}"
+        show()
+
+    stop = StopOnSignal()
     try:
-        for step in range(start + 1, end + 1):
-            batch = _shard_batch(task.batch(step - 1, cfg.batch_size, cfg.seq_len), batch_sharding)
-            params, opt_state, stats = train_step(params, opt_state, batch)
-            pending.append(stats)
-            if compile_s is None:  # the first step of this process compiles: keep it out of tokens/s
-                jax.block_until_ready(stats)
-                compile_s = time.perf_counter() - t_interval
-                t_interval, tokens_interval = time.perf_counter(), 0
-            else:
-                tokens_interval += tokens_per_step
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == end:
-                host = jax.device_get(pending)
-                pending = []
-                loss = float(np.mean([h["loss"] for h in host]))
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"training diverged: loss {loss} at step {step} (try a lower --lr)")
-                now = time.perf_counter()
-                tps = tokens_interval / (now - t_interval) if tokens_interval else None
-                emit({"kind": "train", "step": step, "loss": loss, "lr": float(schedule(step - 1)),
-                      "grad_norm": float(np.mean([h["grad_norm"] for h in host])), "tokens_per_s": tps,
-                      "elapsed_s": prior_elapsed + now - t_start})
-                t_interval, tokens_interval = now, 0
-                postfix = {"loss": f"{loss:.3f}"}
-                if tps:
-                    postfix["tok/s"] = f"{tps:,.0f}"
-                if last_eval is not None:
-                    postfix[task.primary_metric] = f"{last_eval[task.primary_metric]:.3f}"
-                bar.set_postfix(postfix, refresh=False)
-            if step % cfg.eval_every == 0 or step == end:
-                last_eval = evaluate(step)
-                say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()
-                                                  if k.startswith("val_")))
-            if step % cfg.ckpt_every == 0 or step == end:
-                save(step)
+        with stop:
+            for step in range(start + 1, end + 1):
+                batch = _shard_batch(task.batch(step - 1, cfg.batch_size, cfg.seq_len), batch_sharding)
+                params, opt_state, stats = train_step(params, opt_state, batch)
+                pending.append(stats)
+                if compile_s is None:  # the first step of this process compiles: keep it out of tokens/s
+                    jax.block_until_ready(stats)
+                    compile_s = time.perf_counter() - t_interval
+                    t_interval, tokens_interval = time.perf_counter(), 0
+                else:
+                    tokens_interval += tokens_per_step
+                bar.update(1)
+                stopping = stop.signum is not None
+                if step % cfg.log_every == 0 or step == end or (stopping and pending):
+                    log_train(step)
+                if step % cfg.eval_every == 0 or step == end:
+                    last_eval = evaluate(step)
+                    show(refresh=True)
+                    say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()
+                                                      if k.startswith("val_")))
+                if step % cfg.ckpt_every == 0 or step == end or stopping:
+                    save(step)
+                if stopping:
+                    raise TrainingInterrupted(step, stop.signum, out)
         steps_done = max(end - start, 0)
         if last_eval is None:  # nothing left to train (resumed at the end): report the model as it is
             done = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval" and r["step"] == start] \
@@ -422,12 +447,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
             last_eval = done[-1] if done else evaluate(start)
         latest = ckpt.latest_step()
     finally:
+        bar.refresh()  # the last line shows the final values
         bar.close()
         if writer is not None:
             writer.close()
         ckpt.close()
 
-    # Plot, greedy sample, summary.
+    # Plot, sample, summary.
     plot_path = None
     if is_main:
         bpb = task.primary_metric == "val_bpb"
@@ -441,8 +467,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
     if getattr(task, "sample_prompts", ()) and cfg.sample_len > 0:
         for prompt in task.sample_prompts:
             n = min(cfg.sample_len, s.lm_config.max_len - len(prompt))
-            if n > 0:
-                tokens = model.generate(jnp.asarray(task.encode(prompt))[None], n)
+            if n > 0:  # sampled: greedy decoding of a small LM loops on its most frequent word
+                tokens = model.generate(jnp.asarray(task.encode(prompt))[None], n, key=jax.random.key(cfg.seed),
+                                        **SAMPLING)
                 sample[prompt.decode()] = task.decode(np.asarray(tokens[0]))
     wall_s = time.perf_counter() - t_start
     ckpt_path = out / "checkpoints" / str(latest) if latest is not None else None
@@ -472,5 +499,6 @@ def format_report(result: RunResult, task_name: str) -> str:
         head += f"; val accuracy {f['val_acc']:.4f} (chance {s.get('chance_acc', float('nan')):.4f})"
     lines.append(head)
     for prompt, text in result.sample.items():
-        lines.append(f"sample {prompt!r} -> {text!r}")
+        lines.append(f"sample {prompt!r} -> {text!r} (temperature {SAMPLING['temperature']}, "
+                     f"top-k {SAMPLING['top_k']})")
     return "\n".join(lines)

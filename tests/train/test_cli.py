@@ -51,22 +51,57 @@ def test_bad_flags_exit_2(capsys, tmp_path, argv, match):
     assert not (tmp_path / "run").exists()  # nothing written for a rejected config
 
 
+def _last_bar_line(err: str) -> str:
+    """The progress bar's final rendering (tqdm redraws with carriage returns)."""
+    lines = [seg for line in err.splitlines() for seg in line.split("\r") if "train bytes" in seg]
+    return lines[-1]
+
+
 def test_train_end_to_end_then_resume(capsys, tmp_path):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--steps", "6", "--stop-at", "4", "--out", str(out)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "metrics" in text and "checkpoint" in text and "bits/byte" in text and "unigram entropy" in text
-    assert "sample 'def '" in text
+    assert "sample 'def '" in text and "temperature 0.8, top-k 40" in text
+    final = json.loads((out / "summary.json").read_text())["final"]
+    bar = _last_bar_line(captured.err)  # the last line shows the final values
+    last_loss = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"][-1]["loss"]
+    assert "4/6" in bar and f"loss={last_loss:.3f}" in bar and f"val_bpb={final['val_bpb']:.3f}" in bar, bar
     assert (out / "metrics.png").is_file() and (out / "checkpoints" / "4").is_dir()
     # Resuming takes the saved settings; only the given flags change.
     assert main(["train", "--resume", "--out", str(out)]) == 0
     assert "step 6" in capsys.readouterr().out
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]
+    # The trained model, for use: seqmix.load and seqmix generate (greedy is deterministic; sampling is
+    # seeded).
+    model = seqmix.load(out)
+    assert model.config.mixers == "attn" and model.config.d_model == 32
+    outputs = []
+    for extra in (["--temperature", "0"], ["--temperature", "0"], ["--seed", "1"], ["--seed", "1"]):
+        assert main(["generate", "--out", str(out), "--prompt", "def ", "--max-new-tokens", "8", *extra]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert all(o.startswith("def ") for o in outputs) and outputs[0] == outputs[1] and outputs[2] == outputs[3]
+    code, err = _exit_code(["generate", "--out", str(tmp_path / "nope"), "--prompt", "x"], capsys)
+    assert code == 2 and "not a seqmix run directory" in err
+    code, err = _exit_code(["generate", "--out", str(out), "--prompt", "x", "--temperature", "-1"], capsys)
+    assert code == 2 and "temperature must be a number >= 0" in err
     code, err = _exit_code(["train", "--resume", "--out", str(out), "--d-model", "64"], capsys)
     assert code == 2 and "cannot change d_model" in err
     code, err = _exit_code(["train", *TINY, "--steps", "6", "--out", str(out)], capsys)
     assert code == 2 and "--resume" in err
+
+
+def test_few_steps_with_the_default_warmup(capsys, tmp_path):
+    """--steps 10 (fewer than the default warmup of 30 would need): the warmup adapts (10% of steps)."""
+    no_warmup = [f for i, f in enumerate(TINY) if f != "--warmup" and (i == 0 or TINY[i - 1] != "--warmup")]
+    argv = ["train", "--task", "mqar", "--num-kv-pairs", "4", *no_warmup, "--steps", "10", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(lrs) == 10 and lrs[0] == max(lrs)  # warmup 1: the first step is at the peak
+    code, err = _exit_code(["train", "--steps", "10", "--warmup", "11", "--out", str(tmp_path / "b")], capsys)
+    assert code == 2 and "warmup must be in [0, steps=10]" in err
 
 
 def test_train_mqar(capsys, tmp_path):

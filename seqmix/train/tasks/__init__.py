@@ -12,7 +12,7 @@ A task is an object with
   masked next-token accuracy; ``primary_metric`` names the one to report;
 * ``summary() -> dict``: facts worth printing beside the result (corpus size, baselines), and
   ``describe() -> str``: the same in one line;
-* ``sample_prompts``: byte strings to greedily continue at the end of a run (may be empty).
+* ``sample_prompts``: byte strings to continue (sampled) at the end of a run (may be empty).
 
 ``get_task(name, **opts)`` builds one; ``TASKS`` maps names to constructors.
 """
