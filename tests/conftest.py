@@ -10,3 +10,26 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+def skip_reason(report) -> str:
+    """The reason a skipped test report gives ("" when it gives none)."""
+    longrepr = report.longrepr
+    text = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr or "")
+    text = text.strip()
+    if text.startswith("Skipped:"):
+        text = text[len("Skipped:"):].strip()
+    return "" if text in ("", "None", "Skipped", "<Skipped instance>") else text
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Every skip must say why: a skip without a reason is reported as a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail") and not skip_reason(report):
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid} was skipped without a reason: give pytest.skip / skipif a reason"

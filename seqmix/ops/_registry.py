@@ -135,12 +135,15 @@ class Family:
     modules: Flax modules built on the op (``"seqmix.nn.GatedLinearAttention"``).
     mixers: mixer name -> import path of the module file that registers its factory.
     make_inputs: ``make_inputs(key, *, batch, seq, heads, dk, dv, dtype, regime) -> Inputs``.
+    doc: the op's user docstring (``help(seqmix.ops.<name>)``: arguments with shapes and dtypes, returns,
+      a runnable example; :mod:`seqmix.ops._op_docs` composes them).
     """
 
     name: str
     kind: str
     prepare: Callable[..., Any]
     summary: str = ""
+    doc: str = ""
     args: tuple[ArgSpec, ...] = ()
     state: Callable[[Any], Any] | None = None
     decode: Callable | None = None
@@ -273,7 +276,7 @@ def _make_op(fam: Family) -> Callable:
 
     op.__name__ = fam.name
     op.__qualname__ = fam.name
-    op.__doc__ = fam.prepare.__doc__ if not fam.summary else f"{fam.summary}\n\n{fam.prepare.__doc__ or ''}"
+    op.__doc__ = fam.doc or fam.summary
     sig = inspect.signature(fam.prepare)
     params = list(sig.parameters.values()) + [inspect.Parameter("impl", inspect.Parameter.KEYWORD_ONLY, default=None)]
     op.__signature__ = sig.replace(parameters=params, return_annotation=inspect.Signature.empty)

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from seqmix.ops import _registry, block_meta
+from seqmix.ops import _op_docs, _registry, block_meta
 from seqmix.ops.attention_call import AttentionCall, finish, prepare_attention
 from seqmix.ops.attention_xla import attention_xla
 from seqmix.ops.kv_cache import KVCache, cache_size_for, init_kv_cache, kv_cache_overflow, update_kv_cache
@@ -135,8 +135,55 @@ def attention_inputs(fam, key, *, batch: int = 2, seq: int = 64, heads: int = 4,
     return _registry.Inputs((q, k, v), arrays, options)
 
 
+DOC = _op_docs.compose(
+    "Softmax attention with composable masks, packed documents, GQA/MQA, sink logits and a logit soft cap.",
+    """
+    o_i = Σ_j softmax_j(s_ij) v_j,   s_ij = soft_cap · tanh(scale · q_i·k_j / soft_cap)   (allowed pairs only)
+
+    ``mask=None`` is full (bidirectional) attention: pass ``masks.Causal()`` for a decoder. A query row
+    with no allowed key gives ``o = 0`` and ``lse = -inf`` (and zero gradients). Non-finite inputs give
+    non-finite outputs (never zeros). Empty blocks of the mask are skipped, not computed.
+    """,
+    {"q": "float ``[B, Tq, Hq, D]`` queries (float32, bfloat16 or float16; q, k, v share one dtype).",
+     "k": "``[B, S, Hkv, D]`` keys; ``Hkv`` divides ``Hq`` (GQA/MQA: query head h reads kv head "
+          "``h // (Hq // Hkv)``, K/V are never repeated).",
+     "v": "``[B, S, Hkv, Dv]`` values.",
+     "mask": "a ``seqmix.ops.masks`` mask: ``Causal()``, ``SlidingWindow(left, right)``, ``LocalWindow(w)``, "
+             "``ChunkedCausal(c)``, ``Sinks(n)``, ``streaming(w, n)``, ``PrefixLM(p)``, ``Explicit(bool "
+             "[Tq, S])``, combined with ``&`` and ``|``; None = full attention.",
+     "segment_ids": "int ``[B, T]`` (self-attention) or a pair ``(q_ids [B, Tq], kv_ids [B, S])``: packed "
+                    "documents attend only within themselves; masks see positions inside each document.",
+     "scale": "logit scale; default ``D ** -0.5``.",
+     "sink_logits": "float ``[Hq]`` per-head sink logit joining every row's softmax denominator "
+                    "(gpt-oss / StreamingLLM style); ``-inf`` = no sink.",
+     "soft_cap": "cap logits with ``soft_cap · tanh(s / soft_cap)`` (Gemma 2); None = no cap.",
+     "return_lse": "also return the log-sum-exp of each row's logits.",
+     "q_positions": "int ``[Tq]`` query positions; default ``S - Tq + arange(Tq)`` (bottom-right aligned).",
+     "kv_positions": "int ``[S]`` key positions; default ``arange(S)``; a negative position marks a "
+                     "missing key (an empty cache slot).",
+     "relative_positions": "``(q_rel, kv_rel)`` positions inside documents (normally derived from "
+                           "``segment_ids``).",
+     "block_q": "query rows per block of the chunked form (a multiple of 8; a performance knob).",
+     "block_kv": "key rows per block of the chunked form (a multiple of 8).",
+     "impl": "``None`` (the fastest implementation with test evidence on this platform, else ``\"xla\"``), "
+             "or a name: ``\"reference\"`` (materialized fp32 softmax), ``\"xla\"`` (online softmax over "
+             "blocks, O(T·block) memory), ``\"pallas_tpu\"``. ``seqmix.ops.explain`` says which runs and why."},
+    "``o`` ``[B, Tq, Hq, Dv]`` in the input dtype, or ``(o, lse)`` with ``lse`` float32 ``[B, Hq, Tq]`` when "
+    "``return_lse=True``.",
+    """\
+import jax, jax.numpy as jnp
+from seqmix import ops
+from seqmix.ops import masks as M
+kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+q = jax.random.normal(kq, (2, 128, 8, 64))
+k, v = (jax.random.normal(x, (2, 128, 2, 64)) for x in (kk, kv))     # GQA 8:2
+o = ops.attention(q, k, v, mask=M.Causal())                           # [2, 128, 8, 64]
+o, lse = ops.attention(q, k, v, mask=M.streaming(32, 4), return_lse=True)
+""")
+
+
 attention = _registry.define_family(
-    "attention", kind="softmax", prepare=prepare_attention,
+    "attention", kind="softmax", prepare=prepare_attention, doc=DOC,
     summary="Softmax attention with composable masks, packed documents, GQA/MQA, sink logits and soft cap.",
     reference=attention_reference, xla=attention_xla,
     describe=lambda c: f"block_q={c.block_q}, block_kv={c.block_kv}",

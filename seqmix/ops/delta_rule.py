@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 
-from seqmix.ops import _delta_chunk, _recurrent, _registry
+from seqmix.ops import _delta_chunk, _op_docs, _recurrent, _registry
 from seqmix.ops.tpu import recurrent as tpu_recurrent
 from seqmix.ops._recurrent import RecurrentCall
 
@@ -56,8 +56,24 @@ def delta_rule_step(q_t, k_t, v_t, state, *, beta, scale=None):
     return _delta_chunk.decode_step(q_t, k_t, v_t, state, beta_t=beta, scale=scale, gated=False)
 
 
+DOC = _op_docs.recurrent_doc(
+    "DeltaNet (Schlag et al. 2102.11174; chunked as in Yang et al. 2406.06484): linear attention whose "
+    "state is updated by the delta rule.",
+    """
+    S_t = S_{t-1} + β_t k_t (v_t − S_{t-1}ᵀ k_t)ᵀ,      o_t = scale · S_tᵀ q_t
+
+    Chunked WY form with the triangular inverse as matmuls. Normalize q and k to unit L2 norm per head
+    (as DeltaNet does) for a stable recurrence.
+    """,
+    {"beta": "float ``[B, T, H]`` write strength β in [0, 2] (``jax.nn.sigmoid`` gives (0, 1); up to 2 "
+             "allows negative eigenvalues)."},
+    _op_docs.EXAMPLE_INPUTS + """q, k = (x / jnp.linalg.norm(x, axis=-1, keepdims=True) for x in (q, k))
+beta = jax.nn.sigmoid(jax.random.normal(kg, (B, T, H)))
+o = ops.delta_rule(q, k, v, beta)                        # [2, 100, 4, 32]
+""")
+
 delta_rule = _registry.define_family(
-    "delta_rule", kind="recurrent", prepare=prepare_delta_rule,
+    "delta_rule", kind="recurrent", prepare=prepare_delta_rule, doc=DOC,
     summary="DeltaNet: delta-rule fast weights S_t = (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ.",
     reference=delta_rule_reference, xla=delta_rule_xla, describe=_delta_chunk.describe,
     kernels=(tpu_recurrent.delta(),),

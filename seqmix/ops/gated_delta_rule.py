@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 
-from seqmix.ops import _delta_chunk, _recurrent, _registry
+from seqmix.ops import _delta_chunk, _op_docs, _recurrent, _registry
 from seqmix.ops.tpu import recurrent as tpu_recurrent
 from seqmix.ops._recurrent import RecurrentCall
 
@@ -61,8 +61,24 @@ def gated_delta_rule_step(q_t, k_t, v_t, state, *, g, beta, scale=None):
     return _delta_chunk.decode_step(q_t, k_t, v_t, state, beta_t=beta, g_t=g, scale=scale, gated=True)
 
 
+DOC = _op_docs.recurrent_doc(
+    "Gated DeltaNet (Yang et al., 2412.06464): the delta rule with a scalar forget gate.",
+    """
+    S_t = exp(g_t) S_{t-1} + β_t k_t (v_t − exp(g_t) S_{t-1}ᵀ k_t)ᵀ,      o_t = scale · S_tᵀ q_t
+
+    Chunked WY form with the triangular inverse as matmuls. Normalize q and k to unit L2 norm per head.
+    """,
+    {"g": f"float ``[B, T, H]`` log gate per head and token, {_op_docs.LOG_GATE}.",
+     "beta": "float ``[B, T, H]`` write strength β in [0, 2]."},
+    _op_docs.EXAMPLE_INPUTS + """q, k = (x / jnp.linalg.norm(x, axis=-1, keepdims=True) for x in (q, k))
+g = jax.nn.log_sigmoid(jax.random.normal(kg, (B, T, H)) + 3)
+beta = jax.nn.sigmoid(jax.random.normal(kg, (B, T, H)))
+o, state = ops.gated_delta_rule(q, k, v, g, beta, return_state=True)
+o2 = ops.gated_delta_rule(q, k, v, g, beta, initial_state=state)   # continues the first call
+""")
+
 gated_delta_rule = _registry.define_family(
-    "gated_delta_rule", kind="recurrent", prepare=prepare_gated_delta_rule,
+    "gated_delta_rule", kind="recurrent", prepare=prepare_gated_delta_rule, doc=DOC,
     summary="Gated DeltaNet: S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ with α_t = exp(g_t).",
     reference=gated_delta_rule_reference, xla=gated_delta_rule_xla, describe=_delta_chunk.describe,
     kernels=(tpu_recurrent.delta(),),

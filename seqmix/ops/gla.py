@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from seqmix.ops import _checks, _gated_chunk, _recurrent, _registry
+from seqmix.ops import _checks, _gated_chunk, _op_docs, _recurrent, _registry
 from seqmix.ops._recurrent import RecurrentCall, prepare_recurrent, scan_reference
 from seqmix.ops.tpu import recurrent as tpu_recurrent
 
@@ -60,8 +60,22 @@ def gla_step(q_t, k_t, v_t, state, *, g, scale=None):
     return o.astype(q_t.dtype), s
 
 
+DOC = _op_docs.recurrent_doc(
+    "Gated Linear Attention (Yang et al., 2312.06635): linear attention with a per-channel forget gate.",
+    """
+    S_t = Diag(exp(g_t)) S_{t-1} + k_t v_tᵀ,      o_t = scale · S_tᵀ q_t
+
+    Runs chunkwise-parallel (matmuls inside chunks, one fp32 state pass across them) with a hand-written
+    backward that stores no per-token state.
+    """,
+    {"g": f"float ``[B, T, H, Dk]`` per-channel log gate, {_op_docs.LOG_GATE}; e.g. "
+          "``jax.nn.log_sigmoid(x) / 16`` as in the paper."},
+    _op_docs.EXAMPLE_INPUTS + """g = jax.nn.log_sigmoid(jax.random.normal(kg, (B, T, H, D))) / 16
+o, state = ops.gla(q, k, v, g, return_state=True)        # o [2, 100, 4, 32], state [2, 4, 32, 32]
+""")
+
 gla = _registry.define_family(
-    "gla", kind="recurrent", prepare=prepare_gla,
+    "gla", kind="recurrent", prepare=prepare_gla, doc=DOC,
     summary="Gated Linear Attention: S_t = Diag(exp(g_t)) S_{t-1} + k_t v_tᵀ with a per-channel log gate.",
     reference=gla_reference, xla=gla_xla, describe=_gated_chunk.describe,
     kernels=(tpu_recurrent.gated_linear(),),

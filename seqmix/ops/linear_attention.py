@@ -36,7 +36,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from seqmix.ops import _checks, _gated_chunk, _recurrent, _registry
+from seqmix.ops import _checks, _gated_chunk, _op_docs, _recurrent, _registry
 from seqmix.ops._recurrent import RecurrentCall, prepare_recurrent, scan_reference
 from seqmix.ops.tpu import recurrent as tpu_recurrent
 
@@ -181,8 +181,29 @@ def linear_attention_step(q_t, k_t, v_t, state, *, feature_map="identity", norma
 
 # ----------------------------------------------------------------------------- registration
 
+DOC = _op_docs.recurrent_doc(
+    "Linear attention (Katharopoulos et al., 2006.16236) with a feature map: identity, elu+1, relu, "
+    "Based's Taylor map (2402.18668) or your own (e.g. a learned Hedgehog map).",
+    """
+    S_t = S_{t-1} + φ(k_t) v_tᵀ,      o_t = scale · S_tᵀ φ(q_t)
+    normalize=True:   o_t = scale · S_tᵀ φ(q_t) / (scale · z_tᵀ φ(q_t) + eps),   z_t = z_{t-1} + φ(k_t)
+
+    The state has the feature dim ``Dk'`` of φ (``1 + Dk + Dk(Dk+1)/2`` for "taylor"); with
+    ``normalize=True`` it is ``[B, H, Dk', Dv + 1]`` (the normalizer rides along as the last column).
+    """,
+    {"feature_map": "``\"identity\"``, ``\"elu\"`` (elu(x) + 1), ``\"relu\"``, ``\"taylor\"`` "
+                    "(Based: φ(q)·φ(k) = 1 + s + s²/2 with s = q·k/√Dk) or a callable "
+                    "``[B, T, H, Dk] -> [B, T, H, Dk']``.",
+     "normalize": "divide by the running normalizer (use a positive map: elu, taylor).",
+     "eps": "added to the normalizer's denominator."},
+    _op_docs.EXAMPLE_INPUTS + """o = ops.linear_attention(q, k, v, feature_map="elu", normalize=True)   # [2, 100, 4, 32]
+o, state = ops.linear_attention(q, k, v, feature_map="taylor", return_state=True)  # state [2, 4, 561, 32]
+""",
+    returns="``o`` ``[B, T, H, Dv]`` in the input dtype, or ``(o, final_state)`` (float32 ``[B, H, Dk', Dv]``, "
+            "``Dv + 1`` columns with ``normalize=True``) when ``return_state=True``.")
+
 linear_attention = _registry.define_family(
-    "linear_attention", kind="recurrent", prepare=prepare_linear_attention,
+    "linear_attention", kind="recurrent", prepare=prepare_linear_attention, doc=DOC,
     summary="Linear attention S_t = S_{t-1} + φ(k_t)v_tᵀ with feature maps (identity, elu+1, relu, Based "
             "Taylor, callable) and an optional normalizer.",
     reference=linear_attention_reference, xla=linear_attention_xla, describe=_gated_chunk.describe,

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqmix.ops import _checks, _gated_chunk, _recurrent, _registry
+from seqmix.ops import _checks, _gated_chunk, _op_docs, _recurrent, _registry
 from seqmix.ops._recurrent import RecurrentCall, prepare_recurrent, scan_reference
 from seqmix.ops.tpu import recurrent as tpu_recurrent
 
@@ -100,8 +100,21 @@ def retention_step(q_t, k_t, v_t, state, *, decay, scale=None):
     return o.astype(q_t.dtype), s
 
 
+DOC = _op_docs.recurrent_doc(
+    "Retention (RetNet, 2307.08621) / Lightning Attention: linear attention with a constant decay per head.",
+    """
+    S_t = exp(decay_h) S_{t-1} + k_t v_tᵀ,      o_t = scale · S_tᵀ q_t
+
+    Positions enter through the decay (and the RoPE a module applies to q, k); RetNet's own decays are
+    ``ops.retnet_decay(H)``.
+    """,
+    {"decay": "float ``[H]`` log decay per head (<= 0), e.g. ``ops.retnet_decay(H)`` = "
+              "``log(1 - 2^(-5-h))``. A fixed hyperparameter: it receives no gradient."},
+    _op_docs.EXAMPLE_INPUTS + """o = ops.retention(q, k, v, decay=ops.retnet_decay(H))    # [2, 100, 4, 32]
+""")
+
 retention = _registry.define_family(
-    "retention", kind="recurrent", prepare=prepare_retention,
+    "retention", kind="recurrent", prepare=prepare_retention, doc=DOC,
     summary="Retention (RetNet, Lightning): S_t = γ_h S_{t-1} + k_t v_tᵀ with a fixed per-head decay.",
     reference=retention_reference, xla=retention_xla, describe=_gated_chunk.describe,
     kernels=(tpu_recurrent.gated_linear(),),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from seqmix.ops import _checks, _gated_chunk, _recurrent, _registry
+from seqmix.ops import _checks, _gated_chunk, _op_docs, _recurrent, _registry
 from seqmix.ops._recurrent import RecurrentCall, prepare_recurrent, scan_reference
 from seqmix.ops.tpu import recurrent as tpu_recurrent
 
@@ -60,8 +60,19 @@ def simple_gla_step(q_t, k_t, v_t, state, *, g, scale=None):
     return o.astype(q_t.dtype), s
 
 
+DOC = _op_docs.recurrent_doc(
+    "Linear attention with a scalar (per head and token) forget gate: GLA's scalar form, Mamba-2's SSD, "
+    "Lightning Attention-2 with data-dependent decay.",
+    """
+    S_t = exp(g_t) S_{t-1} + k_t v_tᵀ,      o_t = scale · S_tᵀ q_t
+    """,
+    {"g": f"float ``[B, T, H]`` log gate per head and token, {_op_docs.LOG_GATE}."},
+    _op_docs.EXAMPLE_INPUTS + """g = jax.nn.log_sigmoid(jax.random.normal(kg, (B, T, H)) + 3)
+o = ops.simple_gla(q, k, v, g)                           # [2, 100, 4, 32]
+""")
+
 simple_gla = _registry.define_family(
-    "simple_gla", kind="recurrent", prepare=prepare_simple_gla,
+    "simple_gla", kind="recurrent", prepare=prepare_simple_gla, doc=DOC,
     summary="Simple GLA / Mamba-2 SSD: S_t = exp(g_t) S_{t-1} + k_t v_tᵀ with a scalar log gate per head and token.",
     reference=simple_gla_reference, xla=simple_gla_xla, describe=_gated_chunk.describe,
     kernels=(tpu_recurrent.gated_linear(),),
