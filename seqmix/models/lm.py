@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from seqmix.models import mixers as mixers_lib
@@ -188,7 +189,8 @@ class LM(nnx.Module):
         if tokens.shape[1] < 1:
             raise ValueError(f"LM: {name} must hold at least one token per row; got shape {list(tokens.shape)}")
         if _checks.is_concrete(tokens) and tokens.size:
-            lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+            values = np.asarray(tokens)  # numpy: a jnp reduction would be traced inside a caller's jit
+            lo, hi = int(values.min()), int(values.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"LM: {name} must be ids in [0, vocab_size={self.config.vocab_size}); "
                                  f"got values in [{lo}, {hi}]")

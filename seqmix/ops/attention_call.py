@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from seqmix.ops import _checks
 from seqmix.ops import masks as masks_lib
@@ -89,7 +90,8 @@ def prepare_attention(q, k, v, *, mask=None, segment_ids=None, scale=None, sink_
     q_pos = _checks.require_int_array("q_positions", q_positions, (tq,), "[q_seq]")
     kv_pos = _checks.require_int_array("kv_positions", kv_positions, (s,), "[kv_seq]")
     if _checks.is_concrete(q_pos) and _checks.is_concrete(kv_pos):
-        mask.check_positions(int(jnp.max(q_pos)), int(jnp.max(kv_pos)))
+        # numpy: a jnp reduction would be traced inside a caller's jit
+        mask.check_positions(int(np.max(np.asarray(q_pos))), int(np.max(np.asarray(kv_pos))))
     q_seg = kv_seg = None
     if segment_ids is not None:
         if isinstance(segment_ids, (tuple, list)):

@@ -1,9 +1,9 @@
 """Edge values for every family x implementation x numeric mode (rules: tests/conformance/edge_values.py
 and FAMILIES.md §5.5). One module, so the references are computed once per process for every cell.
 
-Interpret-mode cells (the Pallas TPU kernels simulated on CPU, seconds per call) run forward only,
-except the extreme-gate and masked-row-with-sinks cases, whose gradients exercise the kernels' own
-backward passes.
+Interpret-mode cells (the Pallas TPU kernels simulated on CPU, seconds per call) run the non-finite,
+extreme-gate and masked-row-with-sinks cases (``edge_values.INTERPRET_CASES``), the last two with
+gradients, which exercise the kernels' own backward passes.
 """
 
 import pytest
