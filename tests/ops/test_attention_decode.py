@@ -92,8 +92,9 @@ def test_a_ring_that_serves_the_mask_never_overflows():
         q, k, v = qkv(1, 1, t, t, 2, 2, 8)
         ring, n_sink = ops.cache_size_for(mask, 4)  # sized for a shorter stream than we decode
         cache = ops.init_kv_cache(1, 2, 8, ring=ring, n_sink=n_sink)
+        step = jax.jit(lambda q, k, v, c, mask=mask: ops.attention_decode(q, k, v, c, mask=mask))
         outs = []
         for i in range(t):
-            o, cache = ops.attention_decode(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], cache, mask=mask)
+            o, cache = step(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], cache)
             outs.append(o)
         assert_close(jnp.concatenate(outs, 1), ops.attention(q, k, v, mask=mask))
