@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from seqmix.ops import _checks
 from seqmix.ops import masks as masks_lib
 
 Array = Any
@@ -86,7 +87,7 @@ def kv_cache_overflow(cache: KVCache, mask: masks_lib.Mask | None, new_tokens: i
     if recent is not None and cache.ring >= recent and cache.n_sink >= sinks:
         return None  # a ring that serves the mask only overwrites keys it no longer allows
     overflow = cache.next_pos + new_tokens > cache.n_slots
-    if not isinstance(overflow, jax.core.Tracer) and bool(overflow):
+    if _checks.is_concrete(overflow) and bool(overflow):
         need = "every past key" if recent is None else f"a ring of {recent} and {sinks} sink slots"
         raise ValueError(
             f"KV cache overflow: it holds {cache.next_pos} tokens in {cache.n_slots} slots (ring {cache.ring}, "
