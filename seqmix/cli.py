@@ -149,27 +149,41 @@ def bench(args: list[str]) -> int:
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from seqmix.train.config import TrainConfig, merge_for_resume, overrides_from_args
     from seqmix.train.interrupt import TrainingInterrupted
+    from seqmix.train import distributed
     from seqmix.train.trainer import format_report, load_run_config, prepare, train
 
     overrides = overrides_from_args(args)
     try:
         if args.stop_at is not None and args.stop_at < 1:
             raise ValueError(f"--stop-at must be >= 1, got {args.stop_at}")
+        distributed.check_join_arguments(args.coordinator, args.num_processes, args.process_id, args.distributed)
+    except ValueError as err:
+        parser.error(str(err))
+    joined = distributed.join(args.coordinator, args.num_processes, args.process_id, mode=args.distributed)
+    try:
         if args.resume:
             if "out" not in overrides:
                 raise ValueError("--resume needs --out RUN_DIR (the run directory to continue)")
             cfg = merge_for_resume(load_run_config(overrides["out"]), overrides)
         else:
-            cfg = TrainConfig(**overrides)
+            cfg = TrainConfig.for_task(**overrides)
         setup = prepare(cfg, resume=args.resume)
     except ValueError as err:
         parser.error(str(err))
+    import jax
+
+    main_process = jax.process_index() == 0  # on several processes, process 0 alone prints
+    if joined and main_process:
+        print(f"joined a run of {jax.process_count()} processes ({joined}), {jax.device_count()} devices",
+              file=sys.stderr)
     try:
         result = train(setup.cfg, resume=args.resume, stop_at=args.stop_at, setup=setup)
     except TrainingInterrupted as stop:
-        print(f"{stop}\nresume with: seqmix train --out {stop.out} --resume", file=sys.stderr)
+        if main_process:
+            print(f"{stop}\nresume with: seqmix train --out {stop.out} --resume", file=sys.stderr)
         return 128 + stop.signum
-    print(format_report(result, setup.cfg.task))
+    if main_process:
+        print(format_report(result, setup.cfg.task))
     return 0
 
 

@@ -42,7 +42,8 @@ def _int_at_least(name: str, value, low: int) -> None:
 class LMConfig:
     """Hyperparameters of :class:`LM`. Every field is JSON-safe (``to_dict`` / ``from_dict``).
 
-    mixers: one spec entry per layer (``seqmix.models.mixers``), e.g. ``"attn,swa:128,attn"``.
+    mixers: the layers' mixer spec (``seqmix.models.mixers``), e.g. ``"attn,swa:128,attn"`` or ``"gla*2"``.
+    short_conv: width of the causal depthwise conv on every mixer's q, k, v projections (0 = none).
     mlp_hidden: SwiGLU width; None = ``8/3·d_model`` rounded up to a multiple of 32 (``mlp_dim``).
     max_len: the longest sequence ``generate`` and ``init_cache`` serve by default.
     dtype: compute dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``);
@@ -54,6 +55,7 @@ class LMConfig:
     num_heads: int = 4
     num_kv_heads: int | None = None
     mixers: str = "attn,attn"
+    short_conv: int = 4
     mlp_hidden: int | None = None
     max_len: int = 1024
     rope_theta: float = 10000.0
@@ -66,6 +68,7 @@ class LMConfig:
         _int_at_least("d_model", self.d_model, 1)
         _int_at_least("num_heads", self.num_heads, 1)
         _int_at_least("max_len", self.max_len, 1)
+        _int_at_least("short_conv", self.short_conv, 0)
         if self.d_model % self.num_heads:
             raise ValueError(f"LMConfig.num_heads must divide d_model; got num_heads={self.num_heads}, "
                              f"d_model={self.d_model}")
@@ -116,7 +119,7 @@ class LMConfig:
     def dims(self) -> mixers_lib.MixerDims:
         """What the mixer factories read (they never see the whole config)."""
         return mixers_lib.MixerDims(self.d_model, self.num_heads, self.num_kv_heads, self.rope_theta,
-                                    self.compute_dtype, self.parameter_dtype)
+                                    self.compute_dtype, self.parameter_dtype, self.short_conv)
 
     @property
     def compute_dtype(self):

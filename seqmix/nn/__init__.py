@@ -3,7 +3,7 @@
 One file per module family; each registers its mixer names (``seqmix.nn.mixer``).
 """
 
-from seqmix.nn.attention import Attention
+from seqmix.nn.attention import Attention, AttentionCache
 from seqmix.nn.based import Based, BasedCache
 from seqmix.nn.blocks import Block
 from seqmix.nn.delta_net import DeltaNet, GatedDeltaNet
@@ -16,11 +16,11 @@ from seqmix.nn.norm import RMSNorm
 from seqmix.nn.recurrent_cache import RecurrentCache
 from seqmix.nn.retention import Retention
 from seqmix.nn.rope import apply_rope, rope_frequencies
-from seqmix.nn.short_conv import ShortConv
+from seqmix.nn.short_conv import QKVConvs, ShortConv
 
 __all__ = [
-    "Attention", "Based", "BasedCache", "Block", "DeltaNet", "GatedDeltaNet", "GatedLinearAttention",
-    "HedgehogFeatureMap", "LinearAttention", "MixerDims", "RMSNorm", "RecurrentCache", "Retention", "ShortConv",
+    "Attention", "AttentionCache", "Based", "BasedCache", "Block", "DeltaNet", "GatedDeltaNet", "GatedLinearAttention",
+    "HedgehogFeatureMap", "LinearAttention", "MixerDims", "RMSNorm", "RecurrentCache", "QKVConvs", "Retention", "ShortConv",
     "SimpleGLA", "SwiGLU", "apply_rope", "attention_distillation_loss", "build_mixer", "hedgehog_distillation_loss",
     "register_mixer", "registered_mixers", "rope_frequencies",
 ]

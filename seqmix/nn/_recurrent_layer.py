@@ -26,7 +26,7 @@ from flax import nnx
 
 from seqmix.nn.norm import RMSNorm
 from seqmix.nn.recurrent_cache import RecurrentCache, decode_segments, init_recurrent_cache
-from seqmix.nn.short_conv import ShortConv
+from seqmix.nn.short_conv import QKVConvs, check_short_conv
 from seqmix.ops._registry import get_family
 
 
@@ -70,13 +70,6 @@ def mamba_gate(a, a_log, dt_bias):
     return -jnp.exp(a_log.astype(jnp.float32)) * jax.nn.softplus(a)
 
 
-def run_conv(conv: ShortConv, x, segment_ids, cache):
-    """Parallel form when ``cache`` is None, else decode; returns ``(y, cache)``."""
-    if cache is None:
-        return conv(x, segment_ids=segment_ids), None
-    return conv.decode(x, cache, segment_ids=segment_ids)
-
-
 def check_positions(owner: str, positions, b: int, t: int):
     if positions is None:
         return jnp.arange(t, dtype=jnp.int32)
@@ -116,7 +109,6 @@ class RecurrentLayer(nnx.Module):
     """
 
     _family: str = ""  # the op's registry family: its op, decode step and argument names come from the record
-    _convs: tuple[str, ...] = ()  # attribute names of the ShortConv modules, in cache order
 
     # ---------------------------------------------------------------- to override
     def _features(self, x, positions, segment_ids, conv_caches):  # pragma: no cover - abstract
@@ -144,26 +136,31 @@ class RecurrentLayer(nnx.Module):
         self.chunk_size = positive_int(name, "chunk_size", chunk_size)
         self.dtype, self.impl = dtype, impl
 
-    def _init_conv_qkv(self, d_model, conv_size, *, activation, use_bias, dtype, param_dtype, rngs):
-        """q, k, v projections, each followed by a short causal conv (``_convs`` order: q, k, v)."""
-        h, dk, dv = self.num_heads, self.key_dim, self.head_dim
+    def _init_qkv(self, d_model, *, short_conv=None, conv_activation="silu", use_bias=False, dtype,
+                  param_dtype, rngs, key_width=None):
+        """The q, k, v projections (``H·key_width``, ``H·key_width``, ``H·Dv``; key_width defaults to Dk),
+        followed by short causal convolutions of width ``short_conv`` when it is set (``qkv_conv``)."""
+        h, dk, dv = self.num_heads, self.key_dim if key_width is None else key_width, self.head_dim
         kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = nnx.Linear(d_model, h * dk, **kw)
         self.k_proj = nnx.Linear(d_model, h * dk, **kw)
         self.v_proj = nnx.Linear(d_model, h * dv, **kw)
-        conv_kw = dict(activation=activation, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_conv = ShortConv(h * dk, conv_size, **conv_kw)
-        self.k_conv = ShortConv(h * dk, conv_size, **conv_kw)
-        self.v_conv = ShortConv(h * dv, conv_size, **conv_kw)
+        short_conv = check_short_conv(type(self).__name__, short_conv)
+        self.qkv_conv = None if short_conv is None else QKVConvs(
+            (h * dk, h * dk, h * dv), short_conv, activation=conv_activation, dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs)
 
-    def _conv_qkv(self, x, segment_ids, conv_caches):
-        """``(q, k [B, T, H, Dk], v [B, T, H, Dv], conv caches or None)`` through the projections and convs."""
-        caches = (None,) * 3 if conv_caches is None else conv_caches
-        q, cq = run_conv(self.q_conv, self.q_proj(x), segment_ids, caches[0])
-        k, ck = run_conv(self.k_conv, self.k_proj(x), segment_ids, caches[1])
-        v, cv = run_conv(self.v_conv, self.v_proj(x), segment_ids, caches[2])
-        out = (self._heads(q, self.key_dim), self._heads(k, self.key_dim), self._heads(v, self.head_dim))
-        return out + ((None if conv_caches is None else (cq, ck, cv)),)
+    def _qkv(self, x, segment_ids, conv_caches):
+        """``(q, k [B, T, H, key_width], v [B, T, H, Dv], conv caches)``: projections, then the short convs
+        (conv caches: None in the parallel form, else the updated tuple, empty without convs)."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qkv_conv is not None:
+            q, k, v, conv_caches = self.qkv_conv(q, k, v, segment_ids=segment_ids, caches=conv_caches)
+        width = q.shape[-1] // self.num_heads
+        return self._heads(q, width), self._heads(k, width), self._heads(v, self.head_dim), conv_caches
+
+    def _conv_caches(self, batch: int) -> tuple:
+        return () if self.qkv_conv is None else self.qkv_conv.init_cache(batch, self.dtype)
 
     def _check_x(self, x):
         name = type(self).__name__
@@ -204,8 +201,7 @@ class RecurrentLayer(nnx.Module):
         if max_len is not None:
             positive_int(type(self).__name__, "max_len", max_len)
         dk, dv = self._state_dims()
-        convs = tuple(getattr(self, n).init_cache(batch, self.dtype) for n in self._convs)
-        return init_recurrent_cache(batch, self.num_heads, dk, dv, convs)
+        return init_recurrent_cache(batch, self.num_heads, dk, dv, self._conv_caches(batch))
 
     def decode(self, x, cache: RecurrentCache, *, segment_ids=None):
         """Feed ``x [B, T_new, d_model]`` after the cached tokens; returns ``(y [B, T_new, d_model],
@@ -215,9 +211,10 @@ class RecurrentLayer(nnx.Module):
         if not isinstance(cache, RecurrentCache):
             raise ValueError(f"{type(self).__name__}.decode: cache must be a RecurrentCache (from "
                              f"init_cache); got {type(cache).__name__}")
-        if len(cache.conv) != len(self._convs):
+        n_convs = 0 if self.qkv_conv is None else 3
+        if len(cache.conv) != n_convs:
             raise ValueError(f"{type(self).__name__}.decode: cache holds {len(cache.conv)} conv caches; "
-                             f"this layer has {len(self._convs)} short convolutions")
+                             f"this layer has {n_convs} short convolutions")
         b, t, _ = x.shape
         seg, s0 = decode_segments(cache, b, t, segment_ids)
         positions = cache.next_pos + jnp.arange(t, dtype=jnp.int32)

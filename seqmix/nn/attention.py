@@ -3,12 +3,17 @@
 MHA, GQA and MQA by ``num_kv_heads``; K/V are never repeated (the op reads kv head ``h // G``).
 Parallel form: ``module(x [B, T, d_model], positions=[T], segment_ids=[B, T]) -> [B, T, d_model]``.
 Decoding: ``cache = module.init_cache(B, max_len)``, then ``y, cache = module.decode(x, cache)`` with
-any number of new tokens (a prompt, then one token at a time); RoPE uses text positions.
+any number of new tokens (a prompt, then one token at a time); RoPE uses text positions. The cache is
+an ``ops.KVCache``, or an :class:`AttentionCache` (KV cache + short-conv caches) with ``short_conv``.
 Mixers: ``attn``, ``swa:W``, ``chunk:C``, ``stream:W``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -17,6 +22,7 @@ from seqmix.ops import masks as masks_lib
 from seqmix.nn.mixer import int_arg, no_arg, register_mixer
 from seqmix.nn.norm import RMSNorm
 from seqmix.nn.rope import apply_rope
+from seqmix.nn.short_conv import ConvCache, QKVConvs, check_short_conv
 
 
 def _positive_int(name: str, value) -> int:
@@ -33,6 +39,20 @@ def _check_sp(value, owner: str):
     return check_sequence_parallel(value, owner)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["kv", "conv"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class AttentionCache:
+    """Decode cache of an :class:`Attention` with short convs: its ``KVCache`` and the q, k, v conv caches."""
+
+    kv: ops.KVCache
+    conv: tuple[ConvCache, ConvCache, ConvCache]
+
+    @property
+    def next_pos(self):
+        """The text position of the next token (the KV cache's)."""
+        return self.kv.next_pos
+
+
 class Attention(nnx.Module):
     """Softmax self-attention layer (FAMILIES.md §2.1).
 
@@ -47,6 +67,8 @@ class Attention(nnx.Module):
       sink_logits: learn a per-head sink logit ``b_h`` (``[Hq]``, zeros init) that joins the softmax
         denominator only.
       soft_cap: logit soft cap ``c`` (``s <- c·tanh(s/c)``) or None.
+      short_conv: width of a causal depthwise conv + SiLU on the q, k, v projections (before qk-norm and
+        RoPE; resets at segment starts), or None (default: none).
       use_bias: biases on the projections.
       dtype: compute dtype (projections, attention, output); param_dtype: parameter dtype.
       impl: implementation request passed to the op (None = automatic).
@@ -58,7 +80,8 @@ class Attention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None,
                  head_dim: int | None = None, mask: masks_lib.Mask | None = None, rope: bool = True,
                  rope_theta: float = 10000.0, qk_norm: bool = False, sink_logits: bool = False,
-                 soft_cap: float | None = None, use_bias: bool = False, dtype=jnp.float32,
+                 soft_cap: float | None = None, short_conv: int | None = None, use_bias: bool = False,
+                 dtype=jnp.float32,
                  param_dtype=jnp.float32, impl=None, sequence_parallel=None, rngs: nnx.Rngs):
         d_model = _positive_int("d_model", d_model)
         num_heads = _positive_int("num_heads", num_heads)
@@ -92,6 +115,10 @@ class Attention(nnx.Module):
         self.k_proj = nnx.Linear(d_model, num_kv_heads * head_dim, **kw)
         self.v_proj = nnx.Linear(d_model, num_kv_heads * head_dim, **kw)
         self.o_proj = nnx.Linear(num_heads * head_dim, d_model, **kw)
+        short_conv = check_short_conv("Attention", short_conv)
+        kv_width = num_kv_heads * head_dim
+        self.qkv_conv = None if short_conv is None else QKVConvs(
+            (num_heads * head_dim, kv_width, kv_width), short_conv, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         norm_kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.q_norm = RMSNorm(head_dim, **norm_kw) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, **norm_kw) if qk_norm else None
@@ -107,18 +134,22 @@ class Attention(nnx.Module):
             raise ValueError(f"Attention: x must be a floating array; got {jnp.asarray(x).dtype}")
         return x
 
-    def _project(self, x, positions):
-        """x [B, T, d_model] -> q [B, T, Hq, D], k, v [B, T, Hkv, D] (qk-norm, RoPE applied)."""
+    def _project(self, x, positions, segment_ids=None, conv_caches=None):
+        """x [B, T, d_model] -> q [B, T, Hq, D], k, v [B, T, Hkv, D] (short convs, qk-norm, RoPE applied)
+        and the updated conv caches (None in the parallel form)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qkv_conv is not None:
+            q, k, v, conv_caches = self.qkv_conv(q, k, v, segment_ids=segment_ids, caches=conv_caches)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             q = apply_rope(q, positions, theta=self.rope_theta)
             k = apply_rope(k, positions, theta=self.rope_theta)
-        return q, k, v
+        return q, k, v, conv_caches
 
     def _out(self, o):
         b, t = o.shape[:2]
@@ -142,7 +173,7 @@ class Attention(nnx.Module):
             raise ValueError(f"Attention: positions must be an int array of shape [{t}]; got "
                              f"{positions.dtype}{list(positions.shape)}")
         positions = positions.astype(jnp.int32)
-        q, k, v = self._project(x, positions)
+        q, k, v, _ = self._project(x, positions, segment_ids)
         if self.sequence_parallel is not None:
             o = self.sequence_parallel.attention(q, k, v, positions=positions, segment_ids=segment_ids,
                                                  **self._op_kwargs())
@@ -153,27 +184,33 @@ class Attention(nnx.Module):
 
     # ------------------------------------------------------------------ decoding
 
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> ops.KVCache:
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> ops.KVCache | AttentionCache:
         """An empty KV cache for sequences of up to ``max_len`` tokens, sized for the mask
-        (``ops.cache_size_for``: a ring of the window plus sink slots, or ``max_len`` slots)."""
+        (``ops.cache_size_for``: a ring of the window plus sink slots, or ``max_len`` slots); with short
+        convs, an :class:`AttentionCache` that also holds their last inputs."""
         batch, max_len = _positive_int("batch", batch), _positive_int("max_len", max_len)
         ring, n_sink = ops.cache_size_for(self.mask, max_len)
-        return ops.init_kv_cache(batch, self.num_kv_heads, self.head_dim, ring=ring, n_sink=n_sink,
-                                 dtype=self.dtype if dtype is None else dtype)
+        dtype = self.dtype if dtype is None else dtype
+        kv = ops.init_kv_cache(batch, self.num_kv_heads, self.head_dim, ring=ring, n_sink=n_sink, dtype=dtype)
+        if self.qkv_conv is None:
+            return kv
+        return AttentionCache(kv=kv, conv=self.qkv_conv.init_cache(batch, dtype))
 
-    def decode(self, x, cache: ops.KVCache, *, segment_ids=None):
-        """Append ``T_new`` tokens ``x [B, T_new, d_model]`` to ``cache`` and return
+    def decode(self, x, cache, *, segment_ids=None):
+        """Append ``T_new`` tokens ``x [B, T_new, d_model]`` to ``cache`` (from :meth:`init_cache`) and return
         ``(y [B, T_new, d_model], cache)``; equals the parallel form's rows for these tokens.
-        RoPE positions are text positions ``cache.next_pos + arange(T_new)``."""
+        RoPE positions are text positions ``cache.next_pos + arange(T_new)``; ``segment_ids [B, T_new]``
+        (None = segment 0)."""
         x = self._check_x(x)
-        if not isinstance(cache, ops.KVCache):
-            raise ValueError(f"Attention.decode: cache must be a seqmix.ops.KVCache (from init_cache); "
+        expected = ops.KVCache if self.qkv_conv is None else AttentionCache
+        if not isinstance(cache, expected):
+            raise ValueError(f"Attention.decode: cache must be a {expected.__name__} (from init_cache); "
                              f"got {type(cache).__name__}")
-        t = x.shape[1]
-        positions = cache.next_pos + jnp.arange(t, dtype=jnp.int32)
-        q, k, v = self._project(x, positions)
-        o, cache = ops.attention_decode(q, k, v, cache, segment_ids=segment_ids, **self._op_kwargs())
-        return self._out(o), cache
+        kv, conv = (cache, None) if self.qkv_conv is None else (cache.kv, cache.conv)
+        positions = kv.next_pos + jnp.arange(x.shape[1], dtype=jnp.int32)
+        q, k, v, conv = self._project(x, positions, segment_ids, conv)
+        o, kv = ops.attention_decode(q, k, v, kv, segment_ids=segment_ids, **self._op_kwargs())
+        return self._out(o), (kv if conv is None else AttentionCache(kv=kv, conv=conv))
 
 
 # ----------------------------------------------------------------------------- mixers
@@ -182,7 +219,7 @@ class Attention(nnx.Module):
 def _attention_mixer(make_mask):
     def factory(dims, arg, *, rngs: nnx.Rngs, sequence_parallel=None) -> Attention:
         return Attention(dims.d_model, dims.num_heads, num_kv_heads=dims.num_kv_heads, mask=make_mask(arg),
-                         rope=True, rope_theta=dims.rope_theta, **dims.dtypes(sequence_parallel), rngs=rngs)
+                         rope=True, rope_theta=dims.rope_theta, **dims.layer_kwargs(sequence_parallel), rngs=rngs)
     return factory
 
 

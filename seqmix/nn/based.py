@@ -32,21 +32,20 @@ class _TaylorBranch(RecurrentLayer):
     causal conv (no activation); normalized Taylor linear attention; ``W_o``."""
 
     _family = "linear_attention"
-    _convs = ("q_conv", "k_conv", "v_conv")
 
-    def __init__(self, d_model, num_heads, *, feature_dim, head_dim, conv_size, eps, chunk_size, dtype,
+    def __init__(self, d_model, num_heads, *, feature_dim, head_dim, short_conv, eps, chunk_size, dtype,
                  param_dtype, impl, sequence_parallel=None, rngs):
         self._common_init(d_model, num_heads, head_dim, feature_dim, dtype=dtype, impl=impl, chunk_size=chunk_size,
                           sequence_parallel=sequence_parallel)
         self.eps = eps
-        self._init_conv_qkv(d_model, conv_size, activation=None, use_bias=False, dtype=dtype,
-                            param_dtype=param_dtype, rngs=rngs)
+        self._init_qkv(d_model, short_conv=short_conv, conv_activation=None, dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
         h, dv = self.num_heads, self.head_dim
         kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.o_proj = nnx.Linear(h * dv, d_model, **kw)
 
     def _features(self, x, positions, segment_ids, conv_caches):
-        q, k, v, caches = self._conv_qkv(x, segment_ids, conv_caches)
+        q, k, v, caches = self._qkv(x, segment_ids, conv_caches)
         return q, k, v, {}, caches
 
     def _static(self):
@@ -66,14 +65,14 @@ class Based(nnx.Module):
     ``y = W_o(TaylorLinearAttention(conv(x W_q), conv(x W_k), conv(x W_v))) + SlidingWindowAttention(x)``:
 
     * global branch: q, k projected to ``feature_dim`` (16) per head, v to ``head_dim``, each through a
-      short causal depthwise conv (width ``conv_size``, no activation; reset at segment starts); the
+      short causal depthwise conv (width ``short_conv``, no activation; reset at segment starts); the
       2nd-order Taylor map ``φ(q)·φ(k) = 1 + s + s²/2`` (feature dim ``1 + d + d(d+1)/2`` = 153) with
       the normalizer (``eps`` 1e-6; the denominator is positive);
     * local branch: :class:`~seqmix.nn.Attention` with ``mask=LocalWindow(window)`` and RoPE (its own
       q/k/v/o projections);
     * the two branch outputs are summed.
 
-    Args: d_model, num_heads, feature_dim (16), window (64), conv_size (4), head_dim (``Dv``, default
+    Args: d_model, num_heads, feature_dim (16), window (64), short_conv (4; None = no convs), head_dim (``Dv``, default
     ``d_model // num_heads``; even, for RoPE), eps, rope_theta, chunk_size, dtype, param_dtype, impl (the
     linear op's), sequence_parallel (both branches: LASP for the Taylor branch, the softmax strategy for the
     window), rngs.
@@ -83,7 +82,7 @@ class Based(nnx.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, *, feature_dim: int = 16, window: int = 64,
-                 conv_size: int = 4, head_dim: int | None = None, eps: float = 1e-6, rope_theta: float = 10000.0,
+                 short_conv: int | None = 4, head_dim: int | None = None, eps: float = 1e-6, rope_theta: float = 10000.0,
                  chunk_size: int = 64, dtype=jnp.float32, param_dtype=jnp.float32, impl=None,
                  sequence_parallel=None, rngs: nnx.Rngs):
         d_model = positive_int("Based", "d_model", d_model)
@@ -91,7 +90,6 @@ class Based(nnx.Module):
         head_dim = resolve_head_dim("Based", d_model, num_heads, head_dim)
         feature_dim = positive_int("Based", "feature_dim", feature_dim)
         window = positive_int("Based", "window", window)
-        conv_size = positive_int("Based", "conv_size", conv_size)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"Based: eps must be a positive number; got {eps!r}")
         if head_dim % 2:
@@ -99,7 +97,7 @@ class Based(nnx.Module):
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
         self.feature_dim, self.window = feature_dim, window
         self.linear = _TaylorBranch(d_model, num_heads, feature_dim=feature_dim, head_dim=head_dim,
-                                    conv_size=conv_size, eps=float(eps), chunk_size=chunk_size, dtype=dtype,
+                                    short_conv=short_conv, eps=float(eps), chunk_size=chunk_size, dtype=dtype,
                                     param_dtype=param_dtype, impl=impl, sequence_parallel=sequence_parallel,
                                     rngs=rngs)
         self.window_attn = Attention(d_model, num_heads, head_dim=head_dim, mask=masks_lib.LocalWindow(window),
@@ -128,7 +126,7 @@ class Based(nnx.Module):
 
 def based_mixer(dims, arg, *, rngs: nnx.Rngs, sequence_parallel=None):
     return Based(dims.d_model, dims.num_heads, window=int(arg) if arg else 64, rope_theta=dims.rope_theta,
-                 **dims.dtypes(sequence_parallel), rngs=rngs)
+                 **dims.layer_kwargs(sequence_parallel), rngs=rngs)
 
 
 register_mixer("based", based_mixer, check_arg=optional_int_arg,

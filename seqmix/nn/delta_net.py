@@ -9,40 +9,37 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from seqmix.nn._recurrent_layer import (GatedOutput, RecurrentLayer, l2norm, mamba_decay_params, mamba_gate,
-                                        positive_int)
+from seqmix.nn._recurrent_layer import GatedOutput, RecurrentLayer, l2norm, mamba_decay_params, mamba_gate
 from seqmix.nn.mixer import no_arg, register_mixer
 
 
 class DeltaNet(RecurrentLayer):
     """DeltaNet layer (2406.06484; FAMILIES.md §2.7).
 
-    q, k, v projections → short causal depthwise conv (width ``conv_size``) + SiLU → q, k L2-normalized per
-    head; ``β = σ(x W_b)`` per head (``2σ`` with ``allow_neg_eigval``);
+    q, k, v projections → short causal depthwise conv (width ``short_conv``, 4; None = none) + SiLU → q, k
+    L2-normalized per head; ``β = σ(x W_b)`` per head (``2σ`` with ``allow_neg_eigval``);
     ``S_t = (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ``; output ``W_o(RMSNorm_head(o) ⊙ swish(x W_g))``.
     The convolutions reset at segment starts (no taps across packed documents).
 
-    Args: d_model, num_heads, conv_size (4), allow_neg_eigval (False), head_dim (``Dv``), key_dim
+    Args: d_model, num_heads, short_conv (4), allow_neg_eigval (False), head_dim (``Dv``), key_dim
     (``Dk``, default head_dim), use_bias, chunk_size, dtype, param_dtype, impl, rngs.
     """
 
     _family = "delta_rule"
-    _convs = ("q_conv", "k_conv", "v_conv")
     _gated = False
 
-    def __init__(self, d_model: int, num_heads: int, *, conv_size: int = 4, allow_neg_eigval: bool = False,
+    def __init__(self, d_model: int, num_heads: int, *, short_conv: int | None = 4, allow_neg_eigval: bool = False,
                  head_dim: int | None = None, key_dim: int | None = None, use_bias: bool = False,
                  chunk_size: int = 64, dtype=jnp.float32, param_dtype=jnp.float32, impl=None,
                  sequence_parallel=None, rngs: nnx.Rngs):
         name = type(self).__name__
         self._common_init(d_model, num_heads, head_dim, key_dim, dtype=dtype, impl=impl, chunk_size=chunk_size,
                           sequence_parallel=sequence_parallel)
-        conv_size = positive_int(name, "conv_size", conv_size)
         if not isinstance(allow_neg_eigval, bool):
             raise ValueError(f"{name}: allow_neg_eigval must be a bool; got {allow_neg_eigval!r}")
         self.allow_neg_eigval = allow_neg_eigval
-        self._init_conv_qkv(d_model, conv_size, activation="silu", use_bias=use_bias, dtype=dtype,
-                            param_dtype=param_dtype, rngs=rngs)
+        self._init_qkv(d_model, short_conv=short_conv, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
         h, dv = self.num_heads, self.head_dim
         self.b_proj = nnx.Linear(d_model, h, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if self._gated:
@@ -51,7 +48,7 @@ class DeltaNet(RecurrentLayer):
         self.out = GatedOutput(d_model, h, dv, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def _features(self, x, positions, segment_ids, conv_caches):
-        q, k, v, caches = self._conv_qkv(x, segment_ids, conv_caches)
+        q, k, v, caches = self._qkv(x, segment_ids, conv_caches)
         q, k = l2norm(q), l2norm(k)
         beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
         if self.allow_neg_eigval:
@@ -75,11 +72,11 @@ class GatedDeltaNet(DeltaNet):
 
 
 def deltanet_mixer(dims, arg, *, rngs: nnx.Rngs, sequence_parallel=None):
-    return DeltaNet(dims.d_model, dims.num_heads, **dims.dtypes(sequence_parallel), rngs=rngs)
+    return DeltaNet(dims.d_model, dims.num_heads, **dims.layer_kwargs(sequence_parallel), rngs=rngs)
 
 
 def gdn_mixer(dims, arg, *, rngs: nnx.Rngs, sequence_parallel=None):
-    return GatedDeltaNet(dims.d_model, dims.num_heads, **dims.dtypes(sequence_parallel), rngs=rngs)
+    return GatedDeltaNet(dims.d_model, dims.num_heads, **dims.layer_kwargs(sequence_parallel), rngs=rngs)
 
 
 register_mixer("deltanet", deltanet_mixer, check_arg=no_arg, doc="DeltaNet (delta rule, short convs, L2-normalized q/k)")

@@ -32,6 +32,7 @@ class LinearAttention(RecurrentLayer):
       key_dim: per-head q/k width before the map (default ``head_dim``; 16 for taylor, whose feature
         dim is ``1 + d + d(d+1)/2``).
       eps: normalizer ε.
+      short_conv: width of the causal conv + SiLU on the q, k, v projections (before the map); None = none.
 
     q, k ``[B, T, H, key_dim]``, v ``[B, T, H, Dv]``; the state is ``[B, H, D', Dv (+1 with normalize)]``.
     """
@@ -40,7 +41,7 @@ class LinearAttention(RecurrentLayer):
 
     def __init__(self, d_model: int, num_heads: int, *, feature_map: str = "elu", normalize: bool | None = None,
                  output_norm: bool | None = None, head_dim: int | None = None, key_dim: int | None = None,
-                 eps: float = 1e-6, use_bias: bool = False, chunk_size: int = 64, dtype=jnp.float32,
+                 eps: float = 1e-6, short_conv: int | None = None, use_bias: bool = False, chunk_size: int = 64, dtype=jnp.float32,
                  param_dtype=jnp.float32, impl=None,
                  sequence_parallel=None, rngs: nnx.Rngs):
         if not isinstance(feature_map, str) or feature_map not in FEATURE_MAP_NAMES:
@@ -61,11 +62,10 @@ class LinearAttention(RecurrentLayer):
             raise ValueError(f"LinearAttention: eps must be a positive number; got {eps!r}")
         self.feature_map, self.normalize, self.eps = feature_map, normalize, float(eps)
         h, dk, dv = self.num_heads, self.key_dim, self.head_dim
-        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = nnx.Linear(d_model, h * dk, **kw)
-        self.k_proj = nnx.Linear(d_model, h * dk, **kw)
-        self.v_proj = nnx.Linear(d_model, h * dv, **kw)
-        self.o_proj = nnx.Linear(h * dv, d_model, **kw)
+        self._init_qkv(d_model, short_conv=short_conv, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
+        self.o_proj = nnx.Linear(h * dv, d_model, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                                 rngs=rngs)
         self.o_norm = RMSNorm(dv, dtype=dtype, param_dtype=param_dtype) if output_norm else None
         if feature_map == "hedgehog":
             self.q_map = HedgehogFeatureMap(h, dk, dtype=dtype, param_dtype=param_dtype)
@@ -73,15 +73,11 @@ class LinearAttention(RecurrentLayer):
         else:
             self.q_map = self.k_map = None
 
-    def _qk(self, x):
-        """Raw (pre-feature-map) q, k ``[B, T, H, key_dim]``."""
-        return self._heads(self.q_proj(x), self.key_dim), self._heads(self.k_proj(x), self.key_dim)
-
     def _features(self, x, positions, segment_ids, conv_caches):
-        q, k = self._qk(x)
+        q, k, v, conv_caches = self._qkv(x, segment_ids, conv_caches)
         if self.q_map is not None:
             q, k = self.q_map(q), self.k_map(k)
-        return q, k, self._heads(self.v_proj(x), self.head_dim), {}, conv_caches
+        return q, k, v, {}, conv_caches
 
     def _static(self):
         if self.q_map is not None:  # features already applied; keep the scale of the raw key_dim
@@ -108,7 +104,7 @@ def hedgehog_distillation_loss(layer: LinearAttention, x, *, segment_ids=None):
     if not isinstance(layer, LinearAttention) or layer.q_map is None:
         raise ValueError("hedgehog_distillation_loss: layer must be a LinearAttention with feature_map='hedgehog'")
     x = layer._check_x(x)
-    q, k = layer._qk(x)
+    q, k, _, _ = layer._qkv(x, segment_ids, None)  # raw (pre-feature-map) q, k [B, T, H, key_dim]
     return attention_distillation_loss(q, k, layer.q_map(q), layer.k_map(k), scale=layer.key_dim ** -0.5,
                                        segment_ids=segment_ids)
 
@@ -121,12 +117,12 @@ def _feature_map_arg(name: str, arg: str | None) -> None:
 
 def linear_mixer(dims, arg, *, rngs: nnx.Rngs, sequence_parallel=None):
     return LinearAttention(dims.d_model, dims.num_heads, feature_map=arg or "elu",
-                           **dims.dtypes(sequence_parallel), rngs=rngs)
+                           **dims.layer_kwargs(sequence_parallel), rngs=rngs)
 
 
 def hedgehog_mixer(dims, arg, *, rngs: nnx.Rngs, sequence_parallel=None):
     return LinearAttention(dims.d_model, dims.num_heads, feature_map="hedgehog",
-                           **dims.dtypes(sequence_parallel), rngs=rngs)
+                           **dims.layer_kwargs(sequence_parallel), rngs=rngs)
 
 
 register_mixer("linear", linear_mixer, check_arg=_feature_map_arg,

@@ -30,7 +30,11 @@ ArgCheck = Callable[[str, "str | None"], None]
 
 @dataclasses.dataclass(frozen=True)
 class MixerDims:
-    """What a mixer factory may read: widths, heads, RoPE base and dtypes (jnp dtypes)."""
+    """What a mixer factory may read: widths, heads, RoPE base, the short-conv width and dtypes (jnp dtypes).
+
+    ``short_conv``: width of the causal depthwise convolution on every mixer's q, k, v projections
+    (0 = none; docs/mqar.md says why every mixer has one by default).
+    """
 
     d_model: int
     num_heads: int
@@ -38,10 +42,12 @@ class MixerDims:
     rope_theta: float = 10000.0
     dtype: Any = None
     param_dtype: Any = None
+    short_conv: int = 4
 
-    def dtypes(self, sequence_parallel=None) -> dict:
-        """The keyword arguments every seqmix layer takes for dtypes and sequence parallelism."""
-        return dict(dtype=self.dtype, param_dtype=self.param_dtype, sequence_parallel=sequence_parallel)
+    def layer_kwargs(self, sequence_parallel=None) -> dict:
+        """The keyword arguments every seqmix layer takes: short conv, dtypes and sequence parallelism."""
+        return dict(short_conv=self.short_conv or None, dtype=self.dtype, param_dtype=self.param_dtype,
+                    sequence_parallel=sequence_parallel)
 
 
 @dataclasses.dataclass(frozen=True)

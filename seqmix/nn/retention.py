@@ -19,13 +19,14 @@ class Retention(RecurrentLayer):
     GroupNorm without mean subtraction) times ``swish(x W_g)``; ``W_o``.
 
     Args: d_model, num_heads, head_dim (default ``d_model // num_heads``; even, for RoPE), rope_theta,
-    use_bias, chunk_size, dtype, param_dtype, impl, rngs.
+    short_conv (width of the causal conv + SiLU on q, k, v, before RoPE; None = none), use_bias, chunk_size,
+    dtype, param_dtype, impl, rngs.
     """
 
     _family = "retention"
 
     def __init__(self, d_model: int, num_heads: int, *, head_dim: int | None = None, rope_theta: float = 10000.0,
-                 use_bias: bool = False, chunk_size: int = 64, dtype=jnp.float32, param_dtype=jnp.float32,
+                 short_conv: int | None = None, use_bias: bool = False, chunk_size: int = 64, dtype=jnp.float32, param_dtype=jnp.float32,
                  impl=None, sequence_parallel=None,
                  rngs: nnx.Rngs):
         self._common_init(d_model, num_heads, head_dim, None, dtype=dtype, impl=impl, chunk_size=chunk_size,
@@ -36,16 +37,15 @@ class Retention(RecurrentLayer):
             raise ValueError(f"Retention: rope_theta must be > 0; got {rope_theta!r}")
         self.rope_theta = float(rope_theta)
         h, d = self.num_heads, self.head_dim
-        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = nnx.Linear(d_model, h * d, **kw)
-        self.k_proj = nnx.Linear(d_model, h * d, **kw)
-        self.v_proj = nnx.Linear(d_model, h * d, **kw)
+        self._init_qkv(d_model, short_conv=short_conv, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
         self.out = GatedOutput(d_model, h, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def _features(self, x, positions, segment_ids, conv_caches):
-        q = apply_rope(self._heads(self.q_proj(x), self.head_dim), positions, theta=self.rope_theta)
-        k = apply_rope(self._heads(self.k_proj(x), self.head_dim), positions, theta=self.rope_theta)
-        return q, k, self._heads(self.v_proj(x), self.head_dim), {}, conv_caches
+        q, k, v, conv_caches = self._qkv(x, segment_ids, conv_caches)
+        q = apply_rope(q, positions, theta=self.rope_theta)
+        k = apply_rope(k, positions, theta=self.rope_theta)
+        return q, k, v, {}, conv_caches
 
     def _static(self):
         return dict(decay=retnet_decay(self.num_heads))
@@ -55,7 +55,7 @@ class Retention(RecurrentLayer):
 
 
 def retnet_mixer(dims, arg, *, rngs: nnx.Rngs, sequence_parallel=None):
-    return Retention(dims.d_model, dims.num_heads, rope_theta=dims.rope_theta, **dims.dtypes(sequence_parallel),
+    return Retention(dims.d_model, dims.num_heads, rope_theta=dims.rope_theta, **dims.layer_kwargs(sequence_parallel),
                      rngs=rngs)
 
 

@@ -146,3 +146,42 @@ class ShortConv(nnx.Module):
             ss = jnp.concatenate([cache.seg, seg], axis=1)[:, -w1:]
             cache = ConvCache(x=xs, seg=ss)
         return self._finish(y, x), cache
+
+
+def check_short_conv(owner: str, value) -> int | None:
+    """A layer's ``short_conv`` argument: None (or 0) = no convolution, else the filter width (int >= 1)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 0):
+        return None
+    return _check_int(owner, "short_conv", value)
+
+
+class QKVConvs(nnx.Module):
+    """One :class:`ShortConv` each on the q, k and v projections (the Zoology / Based / fla recipe).
+
+    Args: ``channels`` ``(Cq, Ck, Cv)`` (the projections' widths, heads × head dim), ``kernel_size``,
+    ``activation`` (``"silu"`` or None), dtype, param_dtype, rngs.
+
+    ``__call__(q [B, T, Cq], k [B, T, Ck], v [B, T, Cv], *, segment_ids=None, caches=None) -> (q, k, v,
+    caches)``: the parallel form when ``caches`` is None (and returns None for them), else decoding after
+    the cached inputs (``caches`` from :meth:`init_cache`, returned updated).
+    """
+
+    def __init__(self, channels: tuple[int, int, int], kernel_size: int, *, activation: str | None = "silu",
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(activation=activation, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        cq, ck, cv = channels
+        self.kernel_size = kernel_size
+        self.q, self.k, self.v = (ShortConv(c, kernel_size, **kw) for c in (cq, ck, cv))
+
+    def __call__(self, q, k, v, *, segment_ids=None, caches=None):
+        convs = (self.q, self.k, self.v)
+        if caches is None:
+            return tuple(conv(x, segment_ids=segment_ids) for conv, x in zip(convs, (q, k, v))) + (None,)
+        if len(caches) != 3:
+            raise ValueError(f"QKVConvs: caches must hold 3 ConvCaches (q, k, v); got {len(caches)}")
+        out = [conv.decode(x, c, segment_ids=segment_ids) for conv, x, c in zip(convs, (q, k, v), caches)]
+        return tuple(y for y, _ in out) + (tuple(c for _, c in out),)
+
+    def init_cache(self, batch: int, dtype=None) -> tuple[ConvCache, ConvCache, ConvCache]:
+        """Empty caches for the three convolutions."""
+        return tuple(conv.init_cache(batch, dtype) for conv in (self.q, self.k, self.v))

@@ -21,6 +21,8 @@ import dataclasses
 import inspect
 from typing import Any, Callable
 
+import jax
+
 from pallas_kernels import _target
 
 Supports = Callable[[Any], "str | None"]
@@ -304,8 +306,16 @@ def define_family(name: str, *, kind: str, prepare: Callable[..., Any], summary:
 
 
 def explain(op, *args, impl=None, **kwargs) -> str:
-    """Say which implementation ``op(*args, **kwargs, impl=impl)`` would run, and why not the others."""
+    """Say which implementation ``op(*args, **kwargs, impl=impl)`` would run, and why not the others.
+
+    The call is traced, not run (so it also explains a call under an abstract mesh, ahead of time)."""
     family = getattr(op, "family", op)
+    text = []
+    jax.eval_shape(lambda: text.append(_explain(family, impl, args, kwargs)))
+    return text[0]
+
+
+def _explain(family: str, impl, args, kwargs) -> str:
     fam = get_family(family)
     call = fam.prepare(*args, **kwargs)
     target = _target.current()

@@ -1,7 +1,7 @@
 """Training: the trainer behind ``seqmix train``, its tasks, checkpoints and metrics.
 
     from seqmix.train import TrainConfig, train
-    result = train(TrainConfig(task="mqar", steps=200, out="runs/mqar"))
+    result = train(TrainConfig.for_task("mqar", mixers="gdn*2", out="runs/mqar"))  # the task's defaults + these
     result.final, result.model          # final validation metrics, the trained seqmix.models.LM
 
 The trainer's heavy imports (optax, Orbax, matplotlib) load on first use, so the command line stays

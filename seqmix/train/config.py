@@ -35,7 +35,8 @@ class TrainConfig:
     task: str = "bytes"
     num_kv_pairs: int = 8                  # mqar only
     # model (seqmix.models.LMConfig)
-    mixers: str = "attn,attn"
+    mixers: str = "attn*2"
+    short_conv: int = 4                    # width of the q/k/v causal conv in every mixer (0 = none)
     d_model: int = 128
     num_heads: int = 4
     num_kv_heads: int | None = None
@@ -73,6 +74,16 @@ class TrainConfig:
         """The warmup the schedule uses: ``warmup``, or when unset 10% of ``steps`` capped at 30."""
         return min(DEFAULT_WARMUP, self.steps // 10) if self.warmup is None else self.warmup
 
+    @classmethod
+    def for_task(cls, task: str = "bytes", **fields) -> "TrainConfig":
+        """The config of a ``task`` run: the task's ``train_defaults`` (e.g. MQAR's 2 layers and 64
+        tokens), then ``fields``. ``TrainConfig(task=...)`` alone keeps the main job's defaults."""
+        from seqmix.train.tasks import TASKS
+
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; available: {', '.join(sorted(TASKS))}")
+        return cls(**{**getattr(TASKS[task], "train_defaults", {}), "task": task, **fields})
+
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
@@ -89,10 +100,6 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields: {', '.join(unknown)}")
         return cls(**d)
-
-    @property
-    def num_layers(self) -> int:
-        return len([m for m in self.mixers.split(",") if m.strip()])
 
     def task_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"seed": self.seed}
@@ -131,7 +138,10 @@ class TrainConfig:
         if self.num_kv_heads is not None:
             need(self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0,
                  f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
-        need(self.num_layers >= 1, f"mixers must name at least one layer, got {self.mixers!r}")
+        need(isinstance(self.mixers, str) and bool(self.mixers.strip()),
+             f"mixers must name at least one layer, got {self.mixers!r}")
+        need(isinstance(self.short_conv, int) and self.short_conv >= 0,
+             f"short_conv must be an integer >= 0 (0 = no convolution), got {self.short_conv!r}")
         need(self.sample_len >= 0, f"sample_len must be >= 0, got {self.sample_len}")
         need(self.sp_strategy in SP_STRATEGIES,
              f"sp_strategy must be one of {', '.join(SP_STRATEGIES)}, got {self.sp_strategy!r}")
@@ -196,7 +206,10 @@ def parse_mesh(spec: str | None, num_devices: int | None = None) -> dict[str, in
 # (flag, field, type, help). Every flag's default is the TrainConfig field's default.
 _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--task", "task", str, "task: bytes (byte-level LM on the Python stdlib) or mqar (associative recall)"),
-    ("--mixers", "mixers", str, "per-layer mixer spec, e.g. 'attn,swa:128,attn' (one entry per layer)"),
+    ("--mixers", "mixers", str, "the layers' mixer spec: comma-separated entries NAME[:ARG][*N] (N layers of "
+     "it), e.g. 'gla*2' or 'gdn,swa:128,gdn'"),
+    ("--short-conv", "short_conv", int, "width of the causal depthwise conv on every mixer's q, k, v "
+     "(0 = none)"),
     ("--d-model", "d_model", int, "model width"),
     ("--num-heads", "num_heads", int, "attention heads"),
     ("--steps", "steps", int, "optimizer steps (the learning-rate schedule spans them)"),
@@ -230,6 +243,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         if field == "task":
             from seqmix.train.tasks import TASKS
             kwargs["choices"] = sorted(TASKS)
+            for name in sorted(TASKS):
+                own = getattr(TASKS[name], "train_defaults", {})
+                if own:
+                    help_ += f"; {name}'s own defaults: " + " ".join(
+                        f"--{k.replace('_', '-')} {v}" for k, v in own.items())
         if field == "dtype":
             kwargs["choices"] = DTYPES
         if field == "sp_strategy":
@@ -243,6 +261,19 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its latest checkpoint (flags given override "
                              "its saved config where allowed)")
+    multi = parser.add_argument_group(
+        "multi-process runs (TPU pod slices, several GPU hosts; docs/multihost.md)",
+        "every process runs the same command; JAX joins them before training starts")
+    multi.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="process 0's address (with --num-processes and --process-id)")
+    multi.add_argument("--num-processes", dest="num_processes", type=int, default=None, metavar="N",
+                       help="number of processes in the run")
+    multi.add_argument("--process-id", dest="process_id", type=int, default=None, metavar="I",
+                       help="this process's index in [0, N)")
+    multi.add_argument("--distributed", default="auto", choices=("auto", "always", "never"),
+                       help="auto (default): join when the environment names a multi-process job (SLURM, "
+                            "Open MPI, a multi-host Cloud TPU slice, JAX_COORDINATOR_ADDRESS); always: let "
+                            "jax.distributed.initialize() detect it (a TPU pod slice on GCE); never: one process")
     parser.add_argument("--stop-at", dest="stop_at", type=int, default=None, metavar="STEP",
                         help="stop after STEP steps (checkpointing there) while the schedule still spans "
                              "--steps; continue later with --resume")

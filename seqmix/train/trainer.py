@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -65,7 +66,8 @@ def model_config(cfg: TrainConfig, vocab_size: int):
     from seqmix.models import LMConfig
 
     return LMConfig(vocab_size=vocab_size, d_model=cfg.d_model, num_heads=cfg.num_heads,
-                    num_kv_heads=cfg.num_kv_heads, mixers=cfg.mixers, mlp_hidden=cfg.mlp_hidden,
+                    num_kv_heads=cfg.num_kv_heads, mixers=cfg.mixers, short_conv=cfg.short_conv,
+                    mlp_hidden=cfg.mlp_hidden,
                     max_len=cfg.seq_len, rope_theta=cfg.rope_theta, tie_embeddings=cfg.tie_embeddings,
                     dtype=cfg.dtype, param_dtype="float32")
 
@@ -306,6 +308,16 @@ def _shard_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
     return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}
 
 
+def _all_agree(flag: bool) -> bool:
+    """``flag`` on one process; on several, whether any process raised it, so that all of them stop (and
+    save, a collective) at the same step whichever received the signal first."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None, progress: bool = True,
           log: Callable[[str], None] | None = None, setup: Setup | None = None) -> RunResult:
     """Train per ``cfg``; with ``resume``, continue the run in ``cfg.out`` from its latest checkpoint.
@@ -428,7 +440,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
                 else:
                     tokens_interval += tokens_per_step
                 bar.update(1)
-                stopping = stop.signum is not None
+                stopping = _all_agree(stop.signum is not None)
                 if step % cfg.log_every == 0 or step == end or (stopping and pending):
                     log_train(step)
                 if step % cfg.eval_every == 0 or step == end:
@@ -439,7 +451,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
                 if step % cfg.ckpt_every == 0 or step == end or stopping:
                     save(step)
                 if stopping:
-                    raise TrainingInterrupted(step, stop.signum, out)
+                    # a process that got no signal itself stops because another one got SIGTERM
+                    raise TrainingInterrupted(step, stop.signum or signal.SIGTERM, out)
         steps_done = max(end - start, 0)
         if last_eval is None:  # nothing left to train (resumed at the end): report the model as it is
             done = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval" and r["step"] == start] \

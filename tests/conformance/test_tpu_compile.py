@@ -48,7 +48,8 @@ def kernels_in(compiled) -> set[str]:
     return {re.sub(r"_(none|scalar|channel)$", "", m.group(1).rstrip("_")) for m in _KERNEL_RE.finditer(compiled.as_text())}
 
 
-@pytest.mark.parametrize("gen", list(GENERATIONS))
+# v5e in the default run; v5p and v6e in the slow tier (CI runs both)
+@pytest.mark.parametrize("gen", [pytest.param(g, marks=() if g == "v5e" else pytest.mark.slow) for g in GENERATIONS])
 @pytest.mark.parametrize("cell", CELLS, ids=[plan.cell_id(c) for c in CELLS])
 def test_forward_and_backward_compile(cell, gen):
     from jax.sharding import NamedSharding, PartitionSpec as P

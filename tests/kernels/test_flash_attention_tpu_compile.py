@@ -79,7 +79,8 @@ def _check_kernels(compiled, gen):
     return vmem
 
 
-@pytest.mark.parametrize("config,gen", [("causal", "v5e"), ("gqa", "v5p"), ("window", "v6e")])
+@pytest.mark.parametrize("config,gen", [("causal", "v5e"), pytest.param("gqa", "v5p", marks=pytest.mark.slow),
+                                        pytest.param("window", "v6e", marks=pytest.mark.slow)])
 def test_production_shapes_compile(meshes, config, gen):
     cfg = report.CONFIGS[config]
     compiled = _compile_train_step(meshes(gen), (cfg.batch, cfg.seq, cfg.q_heads, cfg.head_dim),

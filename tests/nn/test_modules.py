@@ -193,6 +193,10 @@ def test_attention_bad_arguments():
         mod(_x((1, 4, D_MODEL)), positions=jnp.arange(5))
     with pytest.raises(ValueError, match="cache"):
         mod.decode(_x((1, 1, D_MODEL)), None)
+    with pytest.raises(ValueError, match="short_conv"):
+        Attention(D_MODEL, 2, short_conv=-2, rngs=rngs)
+    with pytest.raises(ValueError, match="AttentionCache"):  # a conv layer needs its conv caches too
+        Attention(D_MODEL, 2, short_conv=4, rngs=rngs).decode(_x((1, 1, D_MODEL)), mod.init_cache(1, 4))
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -206,7 +210,9 @@ def test_attention_bad_arguments():
     dict(num_heads=2, mask=masks.streaming(3, 2), sink_logits=True),
     dict(num_heads=4, num_kv_heads=2, mask=masks.ChunkedCausal(4)),
     dict(num_heads=4, num_kv_heads=1),
-], ids=["causal", "window3", "streaming3+2", "gqa_chunk4", "mqa"])
+    dict(num_heads=4, num_kv_heads=2, short_conv=3),
+    dict(num_heads=2, mask=masks.LocalWindow(3), short_conv=4),
+], ids=["causal", "window3", "streaming3+2", "gqa_chunk4", "mqa", "gqa_short_conv3", "window3_short_conv4"])
 def test_decode_equals_parallel(kw):
     """Token by token, and prefill (a prompt longer than the window) then single tokens."""
     mod = Attention(D_MODEL, rngs=nnx.Rngs(1), **kw)
@@ -247,8 +253,9 @@ def test_decode_multi_token_steps_through_a_window_ring():
     assert_close(jnp.concatenate(outs, 1), ref)
 
 
-def test_decode_packed_segments():
-    mod = Attention(D_MODEL, 2, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("short_conv", [None, 4])
+def test_decode_packed_segments(short_conv):
+    mod = Attention(D_MODEL, 2, short_conv=short_conv, rngs=nnx.Rngs(0))
     x = _x((2, 6, D_MODEL), 5)
     seg = jnp.array([[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 1, 1]], jnp.int32)
     ref = _apply(mod, x, segment_ids=seg)

@@ -26,15 +26,18 @@ from seqmix.train.tasks import mqar
 B, T, D, H = 2, 9, 16, 2
 CHUNK = 4  # several chunks per sequence, chunk edges inside documents
 
+# Every layer class runs with a short conv on q, k, v at least once (width 2..4), and without one.
 LAYERS = {
     "linear_elu": lambda **kw: LinearAttention(D, H, feature_map="elu", chunk_size=CHUNK, **kw),
-    "linear_identity": lambda **kw: LinearAttention(D, H, feature_map="identity", chunk_size=CHUNK, **kw),
+    "linear_identity_conv2": lambda **kw: LinearAttention(D, H, feature_map="identity", short_conv=2,
+                                                          chunk_size=CHUNK, **kw),
     "linear_taylor": lambda **kw: LinearAttention(D, H, feature_map="taylor", key_dim=4, chunk_size=CHUNK, **kw),
-    "hedgehog": lambda **kw: LinearAttention(D, H, feature_map="hedgehog", chunk_size=CHUNK, **kw),
-    "retnet": lambda **kw: Retention(D, H, chunk_size=CHUNK, **kw),
-    "gla": lambda **kw: GatedLinearAttention(D, H, gate_low_rank=4, chunk_size=CHUNK, **kw),
-    "simple_gla": lambda **kw: SimpleGLA(D, H, chunk_size=CHUNK, **kw),
+    "hedgehog_conv": lambda **kw: LinearAttention(D, H, feature_map="hedgehog", short_conv=4, chunk_size=CHUNK, **kw),
+    "retnet_conv": lambda **kw: Retention(D, H, short_conv=4, chunk_size=CHUNK, **kw),
+    "gla_conv": lambda **kw: GatedLinearAttention(D, H, gate_low_rank=4, short_conv=4, chunk_size=CHUNK, **kw),
+    "simple_gla_conv3": lambda **kw: SimpleGLA(D, H, short_conv=3, chunk_size=CHUNK, **kw),
     "deltanet": lambda **kw: DeltaNet(D, H, chunk_size=CHUNK, **kw),
+    "deltanet_no_conv": lambda **kw: DeltaNet(D, H, short_conv=None, chunk_size=CHUNK, **kw),
     "gdn_neg_eigval": lambda **kw: GatedDeltaNet(D, H, allow_neg_eigval=True, chunk_size=CHUNK, **kw),
     "based": lambda **kw: Based(D, H, feature_dim=4, window=3, chunk_size=CHUNK, **kw),
 }
@@ -255,7 +258,8 @@ def test_caches_and_layer_details():
     (lambda: LinearAttention(15, 2, rngs=nnx.Rngs(0)), "num_heads must divide d_model"),
     (lambda: LinearAttention(D, H, eps=0.0, rngs=nnx.Rngs(0)), "eps"),
     (lambda: GatedDeltaNet(D, 3, rngs=nnx.Rngs(0)), "num_heads must divide d_model"),
-    (lambda: GatedDeltaNet(D, H, conv_size=0, rngs=nnx.Rngs(0)), "conv_size"),
+    (lambda: GatedDeltaNet(D, H, short_conv=-1, rngs=nnx.Rngs(0)), "short_conv"),
+    (lambda: GatedLinearAttention(D, H, short_conv=2.0, rngs=nnx.Rngs(0)), "short_conv"),
     (lambda: DeltaNet(D, H, allow_neg_eigval=1, rngs=nnx.Rngs(0)), "allow_neg_eigval"),
     (lambda: GatedLinearAttention(D, H, gate_logit_normalizer=0, rngs=nnx.Rngs(0)), "gate_logit_normalizer"),
     (lambda: GatedLinearAttention(D, H, gate_low_rank=0, rngs=nnx.Rngs(0)), "gate_low_rank"),
@@ -300,7 +304,10 @@ def test_mixers_registered():
                            ("linear_attention", "LinearAttention"), ("linear_attention", "Based")):
         assert f"seqmix.nn.{module}" in get_family(family).modules
     LMConfig(mixers="linear:hedgehog,based:8,linear")
-    bad = (("linear:cosine", "feature map"), ("gdn:3", "takes no argument"), ("based:x", "positive integer"))
+    assert LMConfig(mixers="gla*2, swa:8 * 3,attn").mixer_specs == [("gla", None)] * 2 + [("swa", "8")] * 3 + [
+        ("attn", None)]
+    bad = (("linear:cosine", "feature map"), ("gdn:3", "takes no argument"), ("based:x", "positive integer"),
+           ("gla*0", "repeat count"), ("gla*two", "repeat count"), ("gdn:3*2", "takes no argument"))
     for spec, match in bad:
         with pytest.raises(ValueError, match=match):
             LMConfig(mixers=spec)

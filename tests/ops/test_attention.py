@@ -96,7 +96,7 @@ def compare(impl, q, k, v, *, kind=None, seed=1, diff_sink=False, **kwargs):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mask_name", sorted(MASKS))
-@pytest.mark.parametrize("t", [37, 75])
+@pytest.mark.parametrize("t", [pytest.param(37, marks=pytest.mark.slow), 75])  # 75: several blocks, a partial one
 def test_masks_match_reference(impl, mask_name, t):
     q, k, v = qkv(0, 2, t, t, 4, 2, 16)
     compare(impl, q, k, v, mask=MASKS[mask_name](t, t), block_q=16, block_kv=32)

@@ -19,6 +19,7 @@ def test_softmax_sp_masks_and_layouts(sp_suites, case):
     assert_case_ok(sp_suites.record("softmax_a", case["id"]))
 
 
+@pytest.mark.slow  # strategies x 2/4/8 devices x 2-D meshes; the default run keeps the masks-and-layouts suite
 @pytest.mark.parametrize("case", SOFTMAX_B, ids=[c["id"] for c in SOFTMAX_B])
 def test_softmax_sp_strategies_meshes(sp_suites, case):
     assert_case_ok(sp_suites.record("softmax_b", case["id"]))

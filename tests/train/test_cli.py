@@ -40,6 +40,8 @@ def test_info(capsys):
     (["train", "--batch-size", "0"], "batch_size must be a positive integer"),
     (["train", "--resume"], "--resume needs --out"),
     (["train", "--stop-at", "0"], "--stop-at must be >= 1"),
+    (["train", "--short-conv", "-1"], "short_conv must be an integer >= 0"),
+    (["train", "--mixers", "attn*0"], "repeat count"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_flags_exit_2(capsys, tmp_path, argv, match):
@@ -105,9 +107,13 @@ def test_few_steps_with_the_default_warmup(capsys, tmp_path):
 
 
 def test_train_mqar(capsys, tmp_path):
-    argv = ["train", "--task", "mqar", *TINY, "--num-kv-pairs", "4", "--steps", "6", "--out", str(tmp_path)]
+    """Flags given override MQAR's own defaults; the ones not given (seq_len aside) come from them."""
+    argv = ["train", "--task", "mqar", *TINY, "--mixers", "gla*2", "--short-conv", "3", "--num-kv-pairs", "4",
+            "--steps", "6", "--out", str(tmp_path)]
     assert main(argv) == 0
     assert "val accuracy" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["train"]["mixers"], saved["train"]["short_conv"], saved["train"]["seq_len"]) == ("gla*2", 3, 32)
     final = json.loads((tmp_path / "summary.json").read_text())["final"]
     assert 0 <= final["val_acc"] <= 1
 

@@ -81,6 +81,16 @@ def test_bad_configs_raise(tmp_path, changes, match):
         prepare(TINY.replace(out=str(tmp_path), **changes))
 
 
+def test_task_defaults():
+    """``for_task`` applies the task's own defaults (MQAR: the Zoology setting), then the fields given."""
+    assert TrainConfig.for_task("bytes") == TrainConfig() and TrainConfig().mixers == "attn*2"
+    mqar_cfg = TrainConfig.for_task("mqar")
+    assert (mqar_cfg.task, mqar_cfg.seq_len, mqar_cfg.num_kv_pairs, mqar_cfg.mixers) == ("mqar", 64, 8, "attn*2")
+    assert TrainConfig.for_task("mqar", seq_len=128, mixers="gla").seq_len == 128
+    with pytest.raises(ValueError, match="unknown task"):
+        TrainConfig.for_task("words")
+
+
 def test_resume_merge_rules():
     saved = TINY.replace(out="x")
     assert merge_for_resume(saved, {"steps": 20, "out": "x"}).steps == 20

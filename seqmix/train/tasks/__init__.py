@@ -12,7 +12,9 @@ A task is an object with
   masked next-token accuracy; ``primary_metric`` names the one to report;
 * ``summary() -> dict``: facts worth printing beside the result (corpus size, baselines), and
   ``describe() -> str``: the same in one line;
-* ``sample_prompts``: byte strings to continue (sampled) at the end of a run (may be empty).
+* ``sample_prompts``: byte strings to continue (sampled) at the end of a run (may be empty);
+* ``train_defaults`` (optional): ``TrainConfig`` fields that differ from the main job's defaults for
+  this task (``TrainConfig.for_task`` and ``seqmix train --task`` apply them to flags not given).
 
 ``get_task(name, **opts)`` builds one; ``TASKS`` maps names to constructors.
 """

@@ -60,6 +60,10 @@ class MQAR:
     name = "mqar"
     primary_metric = "val_acc"
     sample_prompts = ()
+    # What ``seqmix train --task mqar`` uses for flags not given: the Zoology setting (2 layers, 64
+    # tokens, 8 pairs) at a CPU-sized budget; docs/mqar.md gives what each mixer reaches with it.
+    train_defaults = {"mixers": "attn*2", "seq_len": 64, "num_kv_pairs": 8, "steps": 1000, "eval_every": 250,
+                      "ckpt_every": 500}
 
     def __init__(self, *, seed: int = 0, vocab_size: int = 256, num_kv_pairs: int = 8,
                  num_eval_examples: int = 512):
