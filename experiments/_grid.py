@@ -8,12 +8,27 @@ Used by ``mqar_sweep.py`` and ``lm_compare.py``.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Callable
 
 import jax
 from flax import nnx
+
+
+def parser(doc: str, mixers) -> argparse.ArgumentParser:
+    """The arguments both experiments share: ``--mixers`` (default ``mixers``)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--mixers", nargs="+", default=list(mixers))
+    return ap
+
+
+def save_figure(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
 
 
 def read_results(path: Path) -> list[dict]:

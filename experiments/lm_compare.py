@@ -12,7 +12,6 @@ count is the closest to the reference model's (``attn*2`` at ``--d-model``). Rec
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _grid import parameter_count, run_grid  # noqa: E402
+from _grid import parameter_count, parser, run_grid, save_figure  # noqa: E402
 
 MIXERS = ("attn", "swa:32", "based", "gdn", "deltanet", "gla", "simple_gla", "retnet", "linear")
 HEADS = 4
@@ -40,7 +39,11 @@ def matched_width(spec: str, target: int) -> int:
     """The ``d_model`` (a multiple of 2·HEADS, so head dims are even) whose parameter count is closest to
     ``target``."""
     widths = range(2 * HEADS * 4, 2 * HEADS * 64 + 1, 2 * HEADS)
-    return min(widths, key=lambda d: abs(count_params(spec, d) - target))
+    lo, hi = 0, len(widths) - 1  # parameters grow with the width: bisect, then take the nearer neighbour
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if count_params(spec, widths[mid]) < target else (lo, mid)
+    return min(widths[max(lo - 1, 0): lo + 1], key=lambda d: abs(count_params(spec, d) - target))
 
 
 def cells(mixers, d_model: int, layers: int, steps: int) -> list[dict]:
@@ -78,14 +81,11 @@ def plot(records: list[dict], path: Path) -> Path:
     ax.set_xlabel("validation bits per byte (lower is better)")
     ax.set_title(f"byte LM, {records[0]['steps']} steps, ~{records[0]['params'] / 1e6:.2f}M parameters each")
     ax.grid(alpha=0.3, axis="x")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mixers", nargs="+", default=list(MIXERS))
+    ap = parser(__doc__, MIXERS)
     ap.add_argument("--d-model", type=int, default=128, help="width of the attn*LAYERS reference")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--steps", type=int, default=300)

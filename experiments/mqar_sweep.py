@@ -15,14 +15,13 @@ panel per number of pairs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _grid import parameter_count, run_grid, state_size  # noqa: E402
+from _grid import parameter_count, parser, run_grid, save_figure, state_size  # noqa: E402
 
 MIXERS = ("attn", "based", "gdn", "deltanet", "gla", "simple_gla", "retnet", "linear")
 WIDTHS = (32, 64, 128)
@@ -60,14 +59,11 @@ def plot(records: list[dict], path: Path) -> Path:
     axes[0].set_ylabel("MQAR validation accuracy")
     axes[-1].legend(fontsize="small")
     fig.suptitle(f"MQAR, sequence length {records[0]['seq_len']}, {records[0]['steps']} steps per run")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mixers", nargs="+", default=list(MIXERS))
+    ap = parser(__doc__, MIXERS)
     ap.add_argument("--widths", nargs="+", type=int, default=list(WIDTHS), help="d_model values")
     ap.add_argument("--pairs", nargs="+", type=int, default=list(PAIRS), help="num_kv_pairs values")
     ap.add_argument("--seq-len", type=int, default=64)
