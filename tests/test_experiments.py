@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # whole training runs in subprocesses; CI's slow tier runs them
 
 
 def _run(script: str, *args: str) -> str:
