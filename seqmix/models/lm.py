@@ -144,6 +144,7 @@ class LMConfig:
         if not isinstance(d, dict):
             raise ValueError(f"LMConfig.from_dict expects a dict; got {type(d).__name__}")
         d = dict(d)
+        d.setdefault("short_conv", 0)  # saved before short convs existed: the model had none
         for module in sorted(set((d.pop("mixer_modules", None) or {}).values())):
             importlib.import_module(module)
         known = {f.name for f in dataclasses.fields(cls)}

@@ -84,7 +84,9 @@ def test_config_defaults_and_round_trip():
     for c in (cfg, custom):
         d = json.loads(json.dumps(c.to_dict()))
         assert LMConfig.from_dict(d) == c
-    assert LMConfig.from_dict({"d_model": 32, "num_heads": 2}) == LMConfig(d_model=32, num_heads=2)
+    # missing fields take their defaults, except short_conv: a config saved before it existed had none
+    assert LMConfig.from_dict({"d_model": 32, "num_heads": 2}) == LMConfig(d_model=32, num_heads=2, short_conv=0)
+    assert cfg.short_conv == 4 and LMConfig.from_dict(cfg.to_dict()).short_conv == 4
 
 
 @pytest.mark.parametrize("kw, match", [
