@@ -137,10 +137,10 @@ class RecurrentLayer(nnx.Module):
         self.dtype, self.impl = dtype, impl
 
     def _init_qkv(self, d_model, *, short_conv=None, conv_activation="silu", use_bias=False, dtype,
-                  param_dtype, rngs, key_width=None):
-        """The q, k, v projections (``H·key_width``, ``H·key_width``, ``H·Dv``; key_width defaults to Dk),
-        followed by short causal convolutions of width ``short_conv`` when it is set (``qkv_conv``)."""
-        h, dk, dv = self.num_heads, self.key_dim if key_width is None else key_width, self.head_dim
+                  param_dtype, rngs):
+        """The q, k, v projections (``H·Dk``, ``H·Dk``, ``H·Dv``), followed by short causal convolutions
+        of width ``short_conv`` when it is set (``qkv_conv``)."""
+        h, dk, dv = self.num_heads, self.key_dim, self.head_dim
         kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = nnx.Linear(d_model, h * dk, **kw)
         self.k_proj = nnx.Linear(d_model, h * dk, **kw)
@@ -151,13 +151,13 @@ class RecurrentLayer(nnx.Module):
             param_dtype=param_dtype, rngs=rngs)
 
     def _qkv(self, x, segment_ids, conv_caches):
-        """``(q, k [B, T, H, key_width], v [B, T, H, Dv], conv caches)``: projections, then the short convs
+        """``(q, k [B, T, H, Dk], v [B, T, H, Dv], conv caches)``: projections, then the short convs
         (conv caches: None in the parallel form, else the updated tuple, empty without convs)."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qkv_conv is not None:
             q, k, v, conv_caches = self.qkv_conv(q, k, v, segment_ids=segment_ids, caches=conv_caches)
-        width = q.shape[-1] // self.num_heads
-        return self._heads(q, width), self._heads(k, width), self._heads(v, self.head_dim), conv_caches
+        return (self._heads(q, self.key_dim), self._heads(k, self.key_dim), self._heads(v, self.head_dim),
+                conv_caches)
 
     def _conv_caches(self, batch: int) -> tuple:
         return () if self.qkv_conv is None else self.qkv_conv.init_cache(batch, self.dtype)

@@ -70,10 +70,13 @@ def join(coordinator: str | None = None, num_processes: int | None = None, proce
     process). Must run before anything touches a JAX device."""
     check_join_arguments(coordinator, num_processes, process_id, mode)
     explicit = coordinator is not None
-    how = (f"{num_processes} processes via {coordinator}" if explicit else
-           None if mode == "never" else detect_cluster() or ("jax.distributed auto-detection"
-                                                              if mode == "always" else None))
-    if how is None or (explicit and num_processes == 1):
+    if explicit:
+        how = f"{num_processes} processes via {coordinator}" if num_processes > 1 else None
+    elif mode == "never":
+        how = None
+    else:
+        how = detect_cluster() or ("jax.distributed auto-detection" if mode == "always" else None)
+    if how is None:
         return None
     import jax
 
