@@ -64,6 +64,8 @@ def run_grid(cells: list[dict], out_dir: Path, measure: Callable[..., dict], *, 
             fields = {k: v for k, v in cell.items() if k != "key"}
             run_dir = out_dir / "runs" / cell["key"]
             resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+            if "task" not in fields:  # for_task would silently train the main job's default task
+                raise ValueError(f"grid cell {cell['key']!r} names no task")
             cfg = TrainConfig.for_task(out=str(run_dir), **fields)
             bar.set_postfix_str(f"{cell['key']}{' (resuming)' if resume else ''}")
             result = train(cfg, resume=resume, progress=False, log=lambda msg: None)

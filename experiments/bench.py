@@ -1,18 +1,25 @@
 """Side-by-side timings of seqmix implementations (ratios in one run, not lone absolute times).
 
-    python experiments/bench.py                       # softmax attention, several lengths
-    python experiments/bench.py --lengths 1024 4096 --out results.json
+    python experiments/bench.py                       # softmax attention (causal), several lengths
+    python experiments/bench.py --lengths 4096 8192 --mask window:1024 --out results.json
     python experiments/bench.py --suite recurrent --lengths 1024 2048 4096 8192 16384 32768 --plot scaling.png
     python experiments/bench.py --parallel            # sequence-parallel strategies (bench_parallel.py)
 
-Suite ``recurrent``: every recurrent family's chunked ``xla`` form against its token-loop
-``reference`` and against causal softmax attention (``xla``), forward and forward+backward, to show
-that the chunked forms scale linearly in T. The PNG is a log-log plot of time against T.
+Suite ``attention``: the attention family's implementations that run natively here against
+``jax.nn.dot_product_attention`` (``--mask causal``, ``full`` or ``window:W``, a causal window of W keys).
+Suite ``recurrent``: every recurrent family's chunked ``xla`` form against its token-loop ``reference``
+and against causal softmax attention (``xla``), forward and forward+backward.
 
 For every length and mode (forward, forward+backward) each implementation is compiled once, run
 ``--repeats`` times after a warm-up, and reported as the median time, the ratio to the baseline
-(``jax.nn.dot_product_attention``, XLA) and the compiled program's peak temporary memory
-(``memory_analysis().temp_size_in_bytes``). Results go to JSON (and a log-log PNG with --plot).
+(``jax.nn.dot_product_attention``, XLA), the compiled program's temporary memory
+(``memory_analysis().temp_size_in_bytes``) and the **roofline**: the useful FLOPs of the call (the family
+record's ``flops`` formula, docs/FAMILIES.md §7: only allowed pairs count; the backward is 2× the
+forward) per second, as a fraction of the platform's dense matmul throughput measured in the same run,
+interleaved with the candidates: an ``N³`` matmul (``--matmul-size``) in fp32 (``HIGHEST`` precision,
+as the ``xla`` forms use) and bf16 before every (length, mode) group; a row's fraction uses the
+measurement of its own group and dtype. Results go to JSON; ``--plot`` writes time and fraction of
+matmul against T.
 """
 
 from __future__ import annotations
@@ -43,48 +50,104 @@ def _timed(fn: Callable, args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def attention_candidates(causal: bool) -> dict[str, Callable]:
-    mask = M.Causal() if causal else None
+def matmul_rates(size: int, repeats: int) -> dict[str, float]:
+    """FLOP/s of a dense ``size³`` matmul in fp32 (HIGHEST precision) and bf16 (default precision)."""
+    rates = {}
+    for dtype, precision in ((jnp.float32, jax.lax.Precision.HIGHEST), (jnp.bfloat16, None)):
+        a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
+        b = jax.random.normal(jax.random.PRNGKey(1), (size, size), dtype)
+        f = jax.jit(lambda a, b, p=precision: jnp.dot(a, b, precision=p)).lower(a, b).compile()
+        rates[jnp.dtype(dtype).name] = 2.0 * size ** 3 / _timed(f, (a, b), repeats)
+    return rates
 
+
+class Roofline:
+    """The matmul measurements of one run, taken before every (length, mode) group of candidates."""
+
+    def __init__(self, size: int, repeats: int):
+        self.size, self.repeats, self.samples, self.current = size, repeats, [], {}
+
+    def measure(self) -> None:
+        self.current = matmul_rates(self.size, self.repeats)
+        self.samples.append(self.current)
+        print("  matmul " + ", ".join(f"{k} {v / 1e9:7.1f} GFLOP/s" for k, v in self.current.items()), flush=True)
+
+    def annotate(self, row: dict, flops: float) -> dict:
+        rate = self.current[row["dtype"]]
+        row.update(useful_flops=flops, useful_flops_per_s=flops / row["seconds"], matmul_flops_per_s=rate,
+                   fraction_of_matmul=flops / row["seconds"] / rate)
+        return row
+
+    def summary(self) -> dict:
+        out = {"size": self.size}
+        for dtype in (self.samples[0] if self.samples else {}):
+            vals = [s[dtype] for s in self.samples]
+            out[dtype] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+        return out
+
+
+def parse_mask(text: str):
+    """``causal`` | ``full`` | ``window:W`` (a causal window of W keys) -> a mask (None for full)."""
+    if text == "causal":
+        return M.Causal()
+    if text == "full":
+        return None
+    if text.startswith("window:") and text[7:].isdigit():
+        return M.LocalWindow(int(text[7:]))
+    raise argparse.ArgumentTypeError(f"--mask must be causal, full or window:W; got {text!r}")
+
+
+def _reference_baseline(mask):
+    """``jax.nn.dot_product_attention`` with the same mask (a causal window through local_window_size)."""
+    if mask is None:
+        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v)
+    left = mask.left
+    window = None if left is None else (left, 0)
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window)
+
+
+def attention_candidates(mask) -> dict[str, Callable]:
     def seqmix_impl(name):
         return lambda q, k, v: ops.attention(q, k, v, mask=mask, impl=name)
 
     platform = jax.default_backend()  # time only what runs natively here (interpret mode is for numerics)
     cands = {f"seqmix:{n}": seqmix_impl(n) for n, impl in ops.get_family("attention").implementations.items()
              if impl.backend in (None, platform) and (platform != "cpu" or "cpu" in impl.evidence)}
-    cands["jax.nn.dot_product_attention"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    cands["jax.nn.dot_product_attention"] = _reference_baseline(mask)
     return cands
 
 
-def bench_attention(lengths, batch, heads, kv_heads, head_dim, dtype, causal, repeats, max_reference_len):
+BASELINE = "jax.nn.dot_product_attention"
+
+
+def bench_attention(lengths, batch, heads, kv_heads, head_dim, dtype, mask, repeats, max_reference_len, roofline):
     rows = []
     for t in lengths:
-        key = jax.random.PRNGKey(t)
-        kq, kk, kv = jax.random.split(key, 3)
+        kq, kk, kv = jax.random.split(jax.random.PRNGKey(t), 3)
         q = jax.random.normal(kq, (batch, t, heads, head_dim), dtype)
         k = jax.random.normal(kk, (batch, t, kv_heads, head_dim), dtype)
         v = jax.random.normal(kv, (batch, t, kv_heads, head_dim), dtype)
+        flops = ops.useful_flops("attention", q, k, v, mask=mask)
         for mode in ("fwd", "fwd+bwd"):
-            base = None
-            for name, f in attention_candidates(causal).items():
+            roofline.measure()
+            group = []
+            for name, f in attention_candidates(mask).items():
                 if name == "seqmix:reference" and t > max_reference_len:
                     continue
-                g = f if mode == "fwd" else jax.grad(lambda q, k, v, f=f: f(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
-                compiled = jax.jit(g).lower(q, k, v).compile()
-                mem = compiled.memory_analysis()
-                seconds = _timed(compiled, (q, k, v), repeats)
-                row = dict(family="attention", impl=name, mode=mode, T=t, B=batch, H=heads, H_kv=kv_heads,
-                           D=head_dim, dtype=jnp.dtype(dtype).name, causal=causal, seconds=seconds,
-                           temp_bytes=int(getattr(mem, "temp_size_in_bytes", -1)))
-                if name == "jax.nn.dot_product_attention":
-                    base = seconds
-                rows.append(row)
-                print(f"  {name:34s} {mode:8s} T={t:6d} {seconds * 1e3:9.2f} ms  temp {row['temp_bytes'] / 2**20:8.1f} MiB",
-                      flush=True)
-            for row in rows:
-                if row["T"] == t and row["mode"] == mode and base:
+                row = _measure(f, (q, k, v), "attention", name, mode, t, dtype, repeats, roofline, flops)
+                group.append(row | dict(H_kv=kv_heads, mask=_mask_name(mask)))
+            base = next((r["seconds"] for r in group if r["impl"] == BASELINE), None)
+            for row in group:
+                if base:
                     row["ratio_to_baseline"] = row["seconds"] / base
+            rows += group
     return rows
+
+
+def _mask_name(mask) -> str:
+    if mask is None:
+        return "full"
+    return "causal" if mask.left is None else f"window:{mask.left + 1}"
 
 
 def recurrent_inputs(family: str, b: int, t: int, h: int, d: int, dtype):
@@ -99,87 +162,108 @@ RECURRENT = tuple(n for n in sorted(ops.FAMILIES) if ops.FAMILIES[n].kind == "re
 
 
 def bench_recurrent(lengths, batch, heads, head_dim, dtype, repeats, max_reference_len, max_softmax_len,
-                    families=RECURRENT):
+                    roofline, families=RECURRENT):
     rows = []
     for t in lengths:
-        for family in families:
-            if family not in ops.FAMILIES:
-                continue
-            op = ops.get_family(family).op
-            args, kwargs = recurrent_inputs(family, batch, t, heads, head_dim, dtype)
-            for impl in ("xla", "reference"):
-                if impl == "reference" and t > max_reference_len:
+        for mode in ("fwd", "fwd+bwd"):
+            roofline.measure()
+            for family in families:
+                if family not in ops.FAMILIES:
                     continue
-                f = lambda *a, impl=impl: op(*a, impl=impl, **kwargs)  # noqa: E731
-                rows += _measure(f, args, family, f"seqmix:{impl}", t, batch, heads, head_dim, dtype, repeats)
-        if t <= max_softmax_len:
-            q, k, v = recurrent_inputs("linear_attention", batch, t, heads, head_dim, dtype)[0]
-            f = lambda q, k, v: ops.attention(q, k, v, mask=M.Causal(), impl="xla")  # noqa: E731
-            rows += _measure(f, (q, k, v), "attention", "seqmix:xla", t, batch, heads, head_dim, dtype, repeats)
+                op = ops.get_family(family).op
+                args, kwargs = recurrent_inputs(family, batch, t, heads, head_dim, dtype)
+                flops = ops.useful_flops(family, *args, **kwargs)
+                for impl in ("xla", "reference"):
+                    if impl == "reference" and t > max_reference_len:
+                        continue
+                    f = lambda *a, impl=impl: op(*a, impl=impl, **kwargs)  # noqa: E731
+                    rows.append(_measure(f, args, family, f"seqmix:{impl}", mode, t, dtype, repeats, roofline, flops))
+            if t <= max_softmax_len:
+                q, k, v = recurrent_inputs("linear_attention", batch, t, heads, head_dim, dtype)[0]
+                f = lambda q, k, v: ops.attention(q, k, v, mask=M.Causal(), impl="xla")  # noqa: E731
+                flops = ops.useful_flops("attention", q, k, v, mask=M.Causal())
+                rows.append(_measure(f, (q, k, v), "attention", "seqmix:xla", mode, t, dtype, repeats, roofline, flops))
     return rows
 
 
-def _measure(f, args, family, name, t, batch, heads, head_dim, dtype, repeats):
-    rows = []
-    for mode in ("fwd", "fwd+bwd"):
-        n = len(args) if family != "attention" else 3
-        g = f if mode == "fwd" else jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=tuple(range(n)))
-        compiled = jax.jit(g).lower(*args).compile()
-        mem = compiled.memory_analysis()
-        seconds = _timed(compiled, args, repeats)
-        row = dict(family=family, impl=name, mode=mode, T=t, B=batch, H=heads, D=head_dim,
-                   dtype=jnp.dtype(dtype).name, seconds=seconds, temp_bytes=int(getattr(mem, "temp_size_in_bytes", -1)))
-        rows.append(row)
-        print(f"  {family:18s} {name:16s} {mode:8s} T={t:6d} {seconds * 1e3:10.2f} ms  temp {row['temp_bytes'] / 2**20:8.1f} MiB",
-              flush=True)
-    return rows
+def _measure(f, args, family, name, mode, t, dtype, repeats, roofline, forward_flops) -> dict:
+    """Compile ``f`` (or its gradient in every array argument), time it and annotate its roofline."""
+    n = 3 if family == "attention" else len(args)
+    g = f if mode == "fwd" else jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=tuple(range(n)))
+    compiled = jax.jit(g).lower(*args).compile()
+    mem = compiled.memory_analysis()
+    seconds = _timed(compiled, args, repeats)
+    b, _, h, d = args[0].shape
+    row = dict(family=family, impl=name, mode=mode, T=t, B=b, H=h, D=d, dtype=jnp.dtype(dtype).name,
+               seconds=seconds, temp_bytes=int(getattr(mem, "temp_size_in_bytes", -1)))
+    flops = forward_flops * (1.0 + ops.BACKWARD_FLOPS if mode == "fwd+bwd" else 1.0)
+    roofline.annotate(row, flops)
+    print(f"  {family:18s} {name:30s} {mode:8s} T={t:6d} {seconds * 1e3:10.2f} ms  "
+          f"{row['useful_flops_per_s'] / 1e9:7.1f} GFLOP/s = {row['fraction_of_matmul']:5.1%} of matmul  "
+          f"temp {row['temp_bytes'] / 2**20:8.1f} MiB", flush=True)
+    return row
+
+
+def _series(rows):
+    return sorted({(r["family"], r["impl"], r["mode"]) for r in rows})
 
 
 def scaling_table(rows) -> str:
-    """Time per token (µs) by family/impl/mode across T, and the slope of log time vs log T."""
+    """Time (and fraction of matmul) by family/impl/mode across T, and the slope of log time vs log T."""
     import math
 
     lengths = sorted({r["T"] for r in rows})
-    keys = sorted({(r["family"], r["impl"], r["mode"]) for r in rows})
     lines = ["| family | impl | mode | " + " | ".join(f"T={t}" for t in lengths) + " | slope |",
              "|---|---|---|" + "---|" * (len(lengths) + 1)]
-    for key in keys:
-        pts = {r["T"]: r["seconds"] for r in rows if (r["family"], r["impl"], r["mode"]) == key}
-        cells = [f"{pts[t] * 1e3:.1f} ms" if t in pts else "-" for t in lengths]
+    for key in _series(rows):
+        pts = {r["T"]: r for r in rows if (r["family"], r["impl"], r["mode"]) == key}
+        cells = [f"{pts[t]['seconds'] * 1e3:.1f} ms ({pts[t]['fraction_of_matmul']:.0%})" if t in pts else "-"
+                 for t in lengths]
         ts = sorted(pts)
-        slope = (math.log(pts[ts[-1]] / pts[ts[0]]) / math.log(ts[-1] / ts[0])) if len(ts) > 1 else float("nan")
+        slope = (math.log(pts[ts[-1]]["seconds"] / pts[ts[0]]["seconds"]) / math.log(ts[-1] / ts[0])
+                 if len(ts) > 1 else float("nan"))
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + f" | {slope:.2f} |")
     return "\n".join(lines)
 
 
 def plot_scaling(rows, path: str) -> None:
+    """Time (top) and fraction of matmul (bottom) against T, forward and forward+backward."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
-        keys = sorted({(r["family"], r["impl"]) for r in rows if r["mode"] == mode})
-        for fam, impl in keys:
-            pts = sorted((r["T"], r["seconds"]) for r in rows if (r["family"], r["impl"], r["mode"]) == (fam, impl, mode))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9), sharex=True)
+    for col, mode in enumerate(("fwd", "fwd+bwd")):
+        for fam, impl, m in _series(rows):
+            if m != mode:
+                continue
+            pts = sorted((r["T"], r["seconds"], r["fraction_of_matmul"]) for r in rows
+                         if (r["family"], r["impl"], r["mode"]) == (fam, impl, mode))
             style = "--" if impl.endswith("reference") else ("-." if fam == "attention" else "-")
-            ax.loglog([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=f"{fam} ({impl.split(':')[-1]})")
-        ax.set_title(f"{mode} on {jax.default_backend()}")
-        ax.set_xlabel("sequence length T")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("seconds")
-    axes[1].legend(fontsize=7)
+            label = f"{fam} ({impl.split(':')[-1]})"
+            axes[0, col].loglog([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label)
+            axes[1, col].semilogx([p[0] for p in pts], [p[2] for p in pts], style, marker="o", label=label)
+        axes[0, col].set_title(f"{mode} on {jax.default_backend()}")
+        axes[1, col].set_xlabel("sequence length T")
+        axes[1, col].axhline(1.0, color="k", lw=0.8)
+        for ax in axes[:, col]:
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0, 0].set_ylabel("seconds")
+    axes[1, 0].set_ylabel("useful FLOP/s ÷ matmul FLOP/s (same run)")
+    axes[0, 1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
 
 
 def markdown_table(rows) -> str:
-    lines = ["| impl | mode | T | ms | × jax.nn | temp MiB |", "|---|---|---|---|---|---|"]
+    lines = ["| impl | mode | T | ms | × jax.nn | useful GFLOP/s | of matmul | temp MiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['impl']} | {r['mode']} | {r['T']} | {r['seconds'] * 1e3:.2f} | "
-                     f"{r.get('ratio_to_baseline', float('nan')):.2f} | {r['temp_bytes'] / 2**20:.1f} |")
+                     f"{r.get('ratio_to_baseline', float('nan')):.2f} | {r['useful_flops_per_s'] / 1e9:.1f} | "
+                     f"{r['fraction_of_matmul']:.0%} | {r['temp_bytes'] / 2**20:.1f} |")
     return "\n".join(lines)
 
 
@@ -191,14 +275,16 @@ def main(argv=None) -> int:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--non-causal", action="store_true")
+    p.add_argument("--mask", type=parse_mask, default=M.Causal(), help="causal | full | window:W (attention suite)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--max-reference-len", type=int, default=4096)
     p.add_argument("--max-softmax-len", type=int, default=16384, help="recurrent suite: longest softmax baseline")
     p.add_argument("--suite", choices=["attention", "recurrent"], default="attention")
     p.add_argument("--families", nargs="+", default=list(RECURRENT), help="recurrent suite: families to run")
     p.add_argument("--parallel", action="store_true", help="run experiments/bench_parallel.py instead")
-    p.add_argument("--plot", default=None, help="write a log-log PNG of time vs T")
+    p.add_argument("--matmul-size", type=int, default=None,
+                   help="N of the N³ roofline matmul (default 2048 on CPU, 8192 on accelerators)")
+    p.add_argument("--plot", default=None, help="write a PNG of time and fraction of matmul vs T")
     p.add_argument("--out", default="bench_results.json")
     args, rest = p.parse_known_args(argv)
     if args.parallel:
@@ -210,14 +296,18 @@ def main(argv=None) -> int:
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind})", flush=True)
+    size = args.matmul_size or (2048 if jax.default_backend() == "cpu" else 8192)
+    roofline = Roofline(size, args.repeats)
     if args.suite == "attention":
         rows = bench_attention(args.lengths, args.batch, args.heads, args.kv_heads, args.head_dim,
-                               jnp.dtype(args.dtype), not args.non_causal, args.repeats, args.max_reference_len)
+                               jnp.dtype(args.dtype), args.mask, args.repeats, args.max_reference_len, roofline)
     else:
         rows = bench_recurrent(args.lengths, args.batch, args.heads, args.head_dim, jnp.dtype(args.dtype),
-                               args.repeats, args.max_reference_len, args.max_softmax_len, tuple(args.families))
+                               args.repeats, args.max_reference_len, args.max_softmax_len, roofline,
+                               tuple(args.families))
     result = dict(jax=jax.__version__, backend=jax.default_backend(), device=jax.devices()[0].device_kind,
-                  python=platform.python_version(), argv=sys.argv[1:] if argv is None else argv, rows=rows)
+                  python=platform.python_version(), argv=sys.argv[1:] if argv is None else argv,
+                  matmul=roofline.summary(), rows=rows)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(markdown_table(rows) if args.suite == "attention" else scaling_table(rows))
     if args.plot:

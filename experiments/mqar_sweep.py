@@ -29,7 +29,7 @@ PAIRS = (4, 8, 16)
 
 
 def cells(mixers, widths, pairs, seq_len: int, steps: int, layers: int) -> list[dict]:
-    return [{"key": f"{m}-d{d}-p{p}-t{seq_len}-s{steps}", "mixers": f"{m}*{layers}", "d_model": d,
+    return [{"key": f"mqar-{m}-d{d}-p{p}-t{seq_len}-s{steps}", "task": "mqar", "mixers": f"{m}*{layers}", "d_model": d,
              "num_heads": max(1, d // 32), "num_kv_pairs": p, "seq_len": seq_len, "steps": steps,
              "eval_every": steps, "ckpt_every": max(steps // 2, 1)}
             for p in pairs for d in widths for m in mixers]

@@ -6,7 +6,7 @@ this package registers every family, so the capability matrix does not depend on
 
 from seqmix.ops import masks
 from seqmix.ops._debug import debug_checks
-from seqmix.ops._registry import FAMILIES, explain, get_family
+from seqmix.ops._registry import BACKWARD_FLOPS, FAMILIES, explain, get_family, useful_flops
 from seqmix.ops.attention import (KVCache, attention, attention_decode, cache_size_for, init_kv_cache,
                                   merge_lse, update_kv_cache)
 from seqmix.ops.delta_rule import delta_rule, delta_rule_step
@@ -18,9 +18,9 @@ from seqmix.ops.simple_gla import simple_gla, simple_gla_step
 from seqmix.ops._capabilities import capability_markdown, capability_rows  # noqa: E402
 
 __all__ = [
-    "FAMILIES", "KVCache", "attention", "attention_decode", "cache_size_for", "capability_markdown",
+    "BACKWARD_FLOPS", "FAMILIES", "KVCache", "attention", "attention_decode", "cache_size_for", "capability_markdown",
     "capability_rows", "debug_checks", "delta_rule", "delta_rule_step", "explain", "gated_delta_rule",
     "gated_delta_rule_step", "get_family", "gla", "gla_step", "init_kv_cache", "lightning_decay",
     "linear_attention", "linear_attention_step", "masks", "merge_lse", "retention", "retention_step",
-    "retnet_decay", "simple_gla", "simple_gla_step", "taylor_feature_map", "update_kv_cache",
+    "retnet_decay", "simple_gla", "simple_gla_step", "taylor_feature_map", "update_kv_cache", "useful_flops",
 ]

@@ -77,6 +77,24 @@ def from_chunks(x, t: int):
     return x[:, :t]
 
 
+def chunked_flops(call: RecurrentCall, delta: bool = False) -> float:
+    """Useful forward FLOPs of the chunkwise-parallel form at the call's chunk size C (FAMILIES.md §7).
+
+    Per chunk and head, with P = C(C+1)/2 causal pairs: ``Q S`` and ``Kᵀ V`` (2·2·C·Dk·Dv) and the
+    causal intra-chunk ``(Q Kᵀ) V`` (2·P·(Dk + Dv)). The delta rule adds its WY form: the strictly lower
+    ``(βK) Kᵀ`` (2·(P − C)·Dk), the triangular inverse (C³/3), ``W = T βK`` and ``U = T βV``
+    (2·P·(Dk + Dv)) and the correction ``U − W S`` (2·C·Dk·Dv). Gates and feature maps are elementwise
+    and not counted. Scales as T/C chunks (padding is not useful work)."""
+    b, t, h, dk = call.q.shape
+    dv = call.v.shape[-1]
+    c = min(call.chunk_size, t)
+    pairs = c * (c + 1) / 2
+    per_chunk = 4 * c * dk * dv + 2 * pairs * (dk + dv)
+    if delta:
+        per_chunk += 2 * (pairs - c) * dk + c ** 3 / 3 + 2 * pairs * (dk + dv) + 2 * c * dk * dv
+    return b * h * (t / c) * per_chunk
+
+
 def resets_from_segments(segment_ids: Array) -> Array:
     """bool ``[B, T]``: True at t >= 1 where ``segment_ids[:, t] != segment_ids[:, t - 1]``."""
     first = jnp.zeros_like(segment_ids[:, :1], dtype=bool)

@@ -137,6 +137,9 @@ class Family:
     modules: Flax modules built on the op (``"seqmix.nn.GatedLinearAttention"``).
     mixers: mixer name -> import path of the module file that registers its factory.
     make_inputs: ``make_inputs(key, *, batch, seq, heads, dk, dv, dtype, regime) -> Inputs``.
+    flops: ``flops(call) -> float``, the *useful* forward FLOPs of a prepared call (matmul work on
+      allowed pairs only; docs/FAMILIES.md §7 gives each family's formula). Benchmarks divide it by the
+      time to report the fraction of matmul throughput; :func:`useful_flops` adds the backward.
     doc: the op's user docstring (``help(seqmix.ops.<name>)``: arguments with shapes and dtypes, returns,
       a runnable example; :mod:`seqmix.ops._op_docs` composes them).
     """
@@ -155,6 +158,7 @@ class Family:
     modules: tuple[str, ...] = ()
     mixers: dict[str, str] = dataclasses.field(default_factory=dict)
     make_inputs: Callable | None = None
+    flops: Callable[[Any], float] | None = None
     implementations: dict[str, Implementation] = dataclasses.field(default_factory=dict)
     op: Callable | None = None
 
@@ -205,6 +209,20 @@ def get_family(name: str) -> Family:
         return FAMILIES[name]
     except KeyError:
         raise ValueError(f"unknown family {name!r}; registered: {sorted(FAMILIES)}") from None
+
+
+# Useful backward work per unit of forward work: every forward matmul C = A·B costs two of the same size
+# backward (dA = dC·Bᵀ, dB = Aᵀ·dC). Recomputation (flash attention's second QKᵀ) is not useful work.
+BACKWARD_FLOPS = 2.0
+
+
+def useful_flops(family: str, *args, backward: bool = False, **kwargs) -> float:
+    """Useful FLOPs of ``op(*args, **kwargs)`` (forward, or forward + backward), from the family record."""
+    fam = get_family(family)
+    if fam.flops is None:
+        raise ValueError(f"{family}: the family record has no flops formula")
+    forward = float(fam.flops(fam.prepare(*args, **kwargs)))
+    return forward * (1.0 + BACKWARD_FLOPS) if backward else forward
 
 
 def current_platform() -> str:

@@ -182,6 +182,13 @@ o, lse = ops.attention(q, k, v, mask=M.streaming(32, 4), return_lse=True)
 """)
 
 
+def attention_flops(call: AttentionCall) -> float:
+    """Useful forward FLOPs: ``Q Kᵀ`` and ``P V`` on allowed pairs only, 2·(D + Dv) per pair and q head
+    (FAMILIES.md §7; exact for every mask, counted by evaluating it)."""
+    hq, d = call.q.shape[2:]
+    return 2.0 * hq * (d + call.v.shape[-1]) * block_meta.count_allowed(call)
+
+
 attention = _registry.define_family(
     "attention", kind="softmax", prepare=prepare_attention, doc=DOC,
     summary="Softmax attention with composable masks, packed documents, GQA/MQA, sink logits and soft cap.",
@@ -196,4 +203,4 @@ attention = _registry.define_family(
     modules=("seqmix.nn.Attention",),
     mixers={"attn": "seqmix.nn.attention", "swa": "seqmix.nn.attention", "chunk": "seqmix.nn.attention",
             "stream": "seqmix.nn.attention"},
-    make_inputs=attention_inputs)
+    make_inputs=attention_inputs, flops=attention_flops)

@@ -14,7 +14,9 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
+from seqmix.ops import _checks
 from seqmix.ops.masks import EMPTY, FULL, PARTIAL, Coords, Mask, Span
 
 Array = Any
@@ -52,6 +54,26 @@ def full_allowed(mask: Mask, q_pos, kv_pos, q_rel, kv_rel, q_seg, kv_seg) -> Arr
     seg_k = None if kv_seg is None else kv_seg[:, None, :]
     return pair_allowed(mask, q_pos[None, :, None], q_rel[:, :, None], seg_q, kv_pos[None, None, :],
                         kv_rel[:, None, :], seg_k)
+
+
+def count_allowed(call, rows: int = 512) -> int:
+    """The number of allowed (query, key) pairs of a concrete AttentionCall, summed over the batch.
+
+    Evaluates :func:`pair_allowed` ``rows`` queries at a time (``[B, rows, S]`` booleans), so it is
+    exact for every mask and never holds ``[Tq, S]``."""
+    if not all(_checks.is_concrete(x) for x in (call.q_pos, call.kv_pos, call.q_rel, call.kv_rel)):
+        raise ValueError("count_allowed needs concrete positions (call it outside jit)")
+    b, tq = call.q.shape[:2]
+    s = call.k.shape[1]
+    q_rel = jnp.broadcast_to(call.q_rel, (b, tq))
+    kv_rel = jnp.broadcast_to(call.kv_rel, (b, s))
+    total = 0
+    for lo in range(0, tq, rows):
+        hi = min(lo + rows, tq)
+        q_seg = None if call.q_seg is None else call.q_seg[:, lo:hi]
+        ok = full_allowed(call.mask, call.q_pos[lo:hi], call.kv_pos, q_rel[:, lo:hi], kv_rel, q_seg, call.kv_seg)
+        total += int(np.broadcast_to(np.asarray(ok), (b, hi - lo, s)).sum())
+    return total
 
 
 # ----------------------------------------------------------------------------- padding

@@ -81,4 +81,5 @@ delta_rule = _registry.define_family(
     state=_recurrent.state_spec, decode=delta_rule_step, decode_doc="delta_rule_step (recurrent state)",
     sequence_parallel=("lasp2", "lasp1"), sp_summary=_delta_chunk.summary,
     modules=("seqmix.nn.DeltaNet",), mixers={"deltanet": "seqmix.nn.delta_net"},
-    make_inputs=functools.partial(_recurrent.recurrent_inputs, l2_qk=True))
+    make_inputs=functools.partial(_recurrent.recurrent_inputs, l2_qk=True),
+    flops=functools.partial(_recurrent.chunked_flops, delta=True))

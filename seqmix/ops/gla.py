@@ -83,4 +83,5 @@ gla = _registry.define_family(
     state=_recurrent.state_spec, decode=gla_step, decode_doc="gla_step (recurrent state)",
     sequence_parallel=("lasp2", "lasp1"), sp_summary=_recurrent.gated_summary,
     modules=("seqmix.nn.GatedLinearAttention",), mixers={"gla": "seqmix.nn.gla"},
-    make_inputs=_recurrent.recurrent_inputs)
+    make_inputs=_recurrent.recurrent_inputs,
+    flops=_recurrent.chunked_flops)

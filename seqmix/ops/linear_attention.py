@@ -216,4 +216,5 @@ linear_attention = _registry.define_family(
     modules=("seqmix.nn.LinearAttention", "seqmix.nn.Based"),
     mixers={"linear": "seqmix.nn.linear_attention", "hedgehog": "seqmix.nn.linear_attention",
             "based": "seqmix.nn.based"},
-    make_inputs=_recurrent.recurrent_inputs)
+    make_inputs=_recurrent.recurrent_inputs,
+    flops=_recurrent.chunked_flops)

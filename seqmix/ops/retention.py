@@ -122,4 +122,5 @@ retention = _registry.define_family(
     state=_recurrent.state_spec, decode=retention_step, decode_doc="retention_step (recurrent state)",
     sequence_parallel=("lasp2", "lasp1"), sp_summary=_recurrent.gated_summary,
     modules=("seqmix.nn.Retention",), mixers={"retnet": "seqmix.nn.retention"},
-    make_inputs=_recurrent.recurrent_inputs)
+    make_inputs=_recurrent.recurrent_inputs,
+    flops=_recurrent.chunked_flops)

@@ -80,4 +80,5 @@ simple_gla = _registry.define_family(
     state=_recurrent.state_spec, decode=simple_gla_step, decode_doc="simple_gla_step (recurrent state)",
     sequence_parallel=("lasp2", "lasp1"), sp_summary=_recurrent.gated_summary,
     modules=("seqmix.nn.SimpleGLA",), mixers={"simple_gla": "seqmix.nn.gla"},
-    make_inputs=_recurrent.recurrent_inputs)
+    make_inputs=_recurrent.recurrent_inputs,
+    flops=_recurrent.chunked_flops)

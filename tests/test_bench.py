@@ -1,0 +1,68 @@
+"""experiments/bench.py at toy sizes: every row carries its useful FLOPs, the matmul throughput measured
+in the same run and the fraction of it; the JSON, tables and plot come out for both suites."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from seqmix import ops
+from seqmix.ops import masks as M
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "experiments" / "bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(bench, tmp_path, *argv):
+    out = tmp_path / "out.json"
+    assert bench.main([*argv, "--repeats", "1", "--matmul-size", "64", "--out", str(out),
+                       "--plot", str(tmp_path / "plot.png")]) == 0
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
+    return json.loads(out.read_text())
+
+
+def _check_roofline(result):
+    assert set(result["matmul"]) == {"size", "float32", "bfloat16"}
+    assert result["matmul"]["float32"]["n"] == 2  # measured before each (length, mode) group
+    for row in result["rows"]:
+        assert row["useful_flops_per_s"] == pytest.approx(row["useful_flops"] / row["seconds"])
+        assert row["fraction_of_matmul"] == pytest.approx(row["useful_flops_per_s"] / row["matmul_flops_per_s"])
+        assert row["fraction_of_matmul"] > 0
+
+
+def test_attention_suite_counts_only_the_window(bench, tmp_path, capsys):
+    result = _run(bench, tmp_path, "--lengths", "40", "--mask", "window:16", "--heads", "2", "--kv-heads", "1",
+                  "--head-dim", "8")
+    _check_roofline(result)
+    rows = result["rows"]
+    assert {r["impl"] for r in rows} >= {"seqmix:xla", "seqmix:reference", bench.BASELINE}
+    pairs = 16 * 40 - 16 * 15 // 2  # a causal window of 16 keys over 40 queries
+    fwd = 2 * 2 * (8 + 8) * pairs
+    for r in rows:
+        assert r["useful_flops"] == (fwd if r["mode"] == "fwd" else fwd * (1 + ops.BACKWARD_FLOPS))
+        assert r["mask"] == "window:16" and "ratio_to_baseline" in r
+    assert "of matmul" in capsys.readouterr().out
+
+
+def test_recurrent_suite(bench, tmp_path, capsys):
+    result = _run(bench, tmp_path, "--suite", "recurrent", "--lengths", "40", "--families", "simple_gla",
+                  "--heads", "2", "--head-dim", "8", "--max-reference-len", "40")
+    _check_roofline(result)
+    assert {(r["family"], r["impl"]) for r in result["rows"]} == {
+        ("simple_gla", "seqmix:xla"), ("simple_gla", "seqmix:reference"), ("attention", "seqmix:xla")}
+    assert "%)" in capsys.readouterr().out  # the scaling table shows the fraction beside each time
+
+
+def test_mask_argument(bench):
+    assert bench.parse_mask("causal") == M.Causal() and bench.parse_mask("full") is None
+    assert bench.parse_mask("window:7") == M.LocalWindow(7)
+    with pytest.raises(Exception, match="window:W"):
+        bench.parse_mask("window")
