@@ -106,9 +106,11 @@ def _reference_baseline(mask):
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window)
 
 
-def attention_candidates(mask) -> dict[str, Callable]:
+def attention_candidates(mask, block=None) -> dict[str, Callable]:
+    blocks = {} if block is None else {"block_q": block, "block_kv": block}
+
     def seqmix_impl(name):
-        return lambda q, k, v: ops.attention(q, k, v, mask=mask, impl=name)
+        return lambda q, k, v: ops.attention(q, k, v, mask=mask, impl=name, **blocks)
 
     platform = jax.default_backend()  # time only what runs natively here (interpret mode is for numerics)
     cands = {f"seqmix:{n}": seqmix_impl(n) for n, impl in ops.get_family("attention").implementations.items()
@@ -120,7 +122,8 @@ def attention_candidates(mask) -> dict[str, Callable]:
 BASELINE = "jax.nn.dot_product_attention"
 
 
-def bench_attention(lengths, batch, heads, kv_heads, head_dim, dtype, mask, repeats, max_reference_len, roofline):
+def bench_attention(lengths, batch, heads, kv_heads, head_dim, dtype, mask, repeats, max_reference_len, roofline,
+                    block=None):
     rows = []
     for t in lengths:
         kq, kk, kv = jax.random.split(jax.random.PRNGKey(t), 3)
@@ -131,11 +134,11 @@ def bench_attention(lengths, batch, heads, kv_heads, head_dim, dtype, mask, repe
         for mode in ("fwd", "fwd+bwd"):
             roofline.measure()
             group = []
-            for name, f in attention_candidates(mask).items():
+            for name, f in attention_candidates(mask, block).items():
                 if name == "seqmix:reference" and t > max_reference_len:
                     continue
                 row = _measure(f, (q, k, v), "attention", name, mode, t, dtype, repeats, roofline, flops)
-                group.append(row | dict(H_kv=kv_heads, mask=_mask_name(mask)))
+                group.append(row | dict(H_kv=kv_heads, mask=_mask_name(mask), block=block))
             base = next((r["seconds"] for r in group if r["impl"] == BASELINE), None)
             for row in group:
                 if base:
@@ -282,6 +285,7 @@ def main(argv=None) -> int:
     p.add_argument("--suite", choices=["attention", "recurrent"], default="attention")
     p.add_argument("--families", nargs="+", default=list(RECURRENT), help="recurrent suite: families to run")
     p.add_argument("--parallel", action="store_true", help="run experiments/bench_parallel.py instead")
+    p.add_argument("--block", type=int, default=None, help="attention suite: block_q = block_kv of seqmix's forms")
     p.add_argument("--matmul-size", type=int, default=None,
                    help="N of the N³ roofline matmul (default 2048 on CPU, 8192 on accelerators)")
     p.add_argument("--plot", default=None, help="write a PNG of time and fraction of matmul vs T")
@@ -300,7 +304,8 @@ def main(argv=None) -> int:
     roofline = Roofline(size, args.repeats)
     if args.suite == "attention":
         rows = bench_attention(args.lengths, args.batch, args.heads, args.kv_heads, args.head_dim,
-                               jnp.dtype(args.dtype), args.mask, args.repeats, args.max_reference_len, roofline)
+                               jnp.dtype(args.dtype), args.mask, args.repeats, args.max_reference_len, roofline,
+                               args.block)
     else:
         rows = bench_recurrent(args.lengths, args.batch, args.heads, args.head_dim, jnp.dtype(args.dtype),
                                args.repeats, args.max_reference_len, args.max_softmax_len, roofline,

@@ -40,7 +40,7 @@ def _check_roofline(result):
 
 def test_attention_suite_counts_only_the_window(bench, tmp_path, capsys):
     result = _run(bench, tmp_path, "--lengths", "40", "--mask", "window:16", "--heads", "2", "--kv-heads", "1",
-                  "--head-dim", "8")
+                  "--head-dim", "8", "--block", "16")
     _check_roofline(result)
     rows = result["rows"]
     assert {r["impl"] for r in rows} >= {"seqmix:xla", "seqmix:reference", bench.BASELINE}
@@ -48,7 +48,7 @@ def test_attention_suite_counts_only_the_window(bench, tmp_path, capsys):
     fwd = 2 * 2 * (8 + 8) * pairs
     for r in rows:
         assert r["useful_flops"] == (fwd if r["mode"] == "fwd" else fwd * (1 + ops.BACKWARD_FLOPS))
-        assert r["mask"] == "window:16" and "ratio_to_baseline" in r
+        assert r["mask"] == "window:16" and r["block"] == 16 and "ratio_to_baseline" in r
     assert "of matmul" in capsys.readouterr().out
 
 
