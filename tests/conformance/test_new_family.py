@@ -60,7 +60,8 @@ def define_toy():
         args=(_recurrent.gate_arg("scalar"),), state=_recurrent.state_spec, decode=step,
         sequence_parallel=("lasp2",), sp_summary=_recurrent.gated_summary,
         modules=("tests.conformance.test_new_family.ToyLayer",),
-        mixers={"toy": "tests.conformance.test_new_family"}, make_inputs=_recurrent.recurrent_inputs)
+        mixers={"toy": "tests.conformance.test_new_family"}, make_inputs=_recurrent.recurrent_inputs,
+        flops=_recurrent.chunked_flops)
     return op
 
 
