@@ -199,7 +199,7 @@ def _measure(f, args, family, name, mode, t, dtype, repeats, roofline, forward_f
     b, _, h, d = args[0].shape
     row = dict(family=family, impl=name, mode=mode, T=t, B=b, H=h, D=d, dtype=jnp.dtype(dtype).name,
                seconds=seconds, temp_bytes=int(getattr(mem, "temp_size_in_bytes", -1)))
-    flops = forward_flops * (1.0 + ops.BACKWARD_FLOPS if mode == "fwd+bwd" else 1.0)
+    flops = ops.with_backward(forward_flops) if mode == "fwd+bwd" else forward_flops
     roofline.annotate(row, flops)
     print(f"  {family:18s} {name:30s} {mode:8s} T={t:6d} {seconds * 1e3:10.2f} ms  "
           f"{row['useful_flops_per_s'] / 1e9:7.1f} GFLOP/s = {row['fraction_of_matmul']:5.1%} of matmul  "

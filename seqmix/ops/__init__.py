@@ -6,7 +6,7 @@ this package registers every family, so the capability matrix does not depend on
 
 from seqmix.ops import masks
 from seqmix.ops._debug import debug_checks
-from seqmix.ops._registry import BACKWARD_FLOPS, FAMILIES, explain, get_family, useful_flops
+from seqmix.ops._registry import BACKWARD_FLOPS, FAMILIES, explain, get_family, useful_flops, with_backward
 from seqmix.ops.attention import (KVCache, attention, attention_decode, cache_size_for, init_kv_cache,
                                   merge_lse, update_kv_cache)
 from seqmix.ops.delta_rule import delta_rule, delta_rule_step
@@ -23,4 +23,5 @@ __all__ = [
     "gated_delta_rule_step", "get_family", "gla", "gla_step", "init_kv_cache", "lightning_decay",
     "linear_attention", "linear_attention_step", "masks", "merge_lse", "retention", "retention_step",
     "retnet_decay", "simple_gla", "simple_gla_step", "taylor_feature_map", "update_kv_cache", "useful_flops",
+    "with_backward",
 ]

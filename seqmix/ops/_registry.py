@@ -222,7 +222,12 @@ def useful_flops(family: str, *args, backward: bool = False, **kwargs) -> float:
     if fam.flops is None:
         raise ValueError(f"{family}: the family record has no flops formula")
     forward = float(fam.flops(fam.prepare(*args, **kwargs)))
-    return forward * (1.0 + BACKWARD_FLOPS) if backward else forward
+    return with_backward(forward) if backward else forward
+
+
+def with_backward(forward: float) -> float:
+    """Useful forward + backward FLOPs from the forward's."""
+    return forward * (1.0 + BACKWARD_FLOPS)
 
 
 def current_platform() -> str:

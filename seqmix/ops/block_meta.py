@@ -61,7 +61,8 @@ def count_allowed(call, rows: int = 512) -> int:
 
     Evaluates :func:`pair_allowed` ``rows`` queries at a time (``[B, rows, S]`` booleans), so it is
     exact for every mask and never holds ``[Tq, S]``."""
-    if not all(_checks.is_concrete(x) for x in (call.q_pos, call.kv_pos, call.q_rel, call.kv_rel)):
+    coords = (call.q_pos, call.kv_pos, call.q_rel, call.kv_rel, call.q_seg, call.kv_seg)
+    if not all(_checks.is_concrete(x) for x in coords if x is not None):
         raise ValueError("count_allowed needs concrete positions (call it outside jit)")
     b, tq = call.q.shape[:2]
     s = call.k.shape[1]
