@@ -52,7 +52,7 @@ def cells(mixers, d_model: int, layers: int, steps: int) -> list[dict]:
     for m in mixers:
         spec = f"{m}*{layers}"
         d = matched_width(spec, target)
-        out.append({"key": f"{m.replace(':', '')}-d{d}-s{steps}", "mixers": spec, "d_model": d,
+        out.append({"key": f"{m.replace(':', '')}-d{d}-s{steps}", "task": "bytes", "mixers": spec, "d_model": d,
                     "num_heads": HEADS, "steps": steps, "eval_every": steps, "ckpt_every": max(steps // 2, 1)})
     return out
 

@@ -27,7 +27,7 @@ def test_quick_run_writes_results_and_resumes(tmp_path, script, metric):
     assert [r["mixers"] for r in records] == ["attn*2", "gdn*2"]
     assert {r["task"] for r in records} == {"mqar" if metric == "val_acc" else "bytes"}
     cfgs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/config.json"))]
-    assert cfgs and {c["task"] for c in cfgs} == {r["task"] for r in records}  # what was trained
+    assert cfgs and {c["train"]["task"] for c in cfgs} == {r["task"] for r in records}  # what was trained
     assert all(r[metric] >= 0 and r["params"] > 0 for r in records)
     if metric == "val_acc":  # a KV cache grows with the sequence; the recurrent state is fixed
         attn, gdn = records
