@@ -13,12 +13,17 @@ Chunk form (chunk length C, ``G`` = chunk-local inclusive cumsum of ``g`` in fp3
     S_[n] = Diag(exp(G_C)) S_[n-1] + (K ⊙ exp(G_C − G))ᵀ V       (sequential pass over chunks, fp32 carry)
     O     = scale · ((Q ⊙ exp(G)) S_[n-1] + P V),   P_ij = Σ_c Q_ic K_jc exp(G_ic − G_jc)  (i ≥ j)
 
-Only differences that are ≤ 0 are exponentiated (``G_i − G_j`` with i ≥ j, ``G_C − G_j``, ``G_i``), and every
-mask (causal, segment) is applied in log space (``-inf``) before ``exp``. Three paths build ``P``:
+Only differences that are ≤ 0 are exponentiated (``G_i − G_j`` with i ≥ j, ``G_C − G_j``, ``G_i``), except in
+the anchored per-channel path below (bounded by ``e^{20}``), and every mask (causal, segment) is applied in log
+space (``-inf``) before ``exp``. Four paths build ``P``:
 
 * ``"none"``   (no gate): ``P = (Q Kᵀ) ⊙ M``;
 * ``"scalar"``: ``P = (Q Kᵀ) ⊙ Γ``, ``Γ_ij = exp(G_i − G_j)`` masked to ``i ≥ j`` (same segment) in log space;
-* ``"channel"`` (secondary chunking): sub-chunks of ``sub`` rows (16 by default); off-diagonal sub-blocks
+* ``"channel"``, anchored (every chunk's per-channel span ``max G − min G`` ≤ ``ANCHOR_SPAN`` = 40 nats, which
+  typical gates meet by far): ``P = (Q ⊙ exp(G − m)) (K ⊙ exp(m − G))ᵀ`` masked, ``m`` the middle of the
+  chunk's range per channel, so both factors lie within ``e^{±20}``: one C×C matmul as in the scalar path;
+* ``"channel"``, secondary chunking (any wider span, chosen for the whole call by ``lax.cond``): sub-chunks of
+  ``sub`` rows (16 by default); off-diagonal sub-blocks
   ``(a, b), a > b`` are one matmul anchored at ``r``, the first row of sub-chunk ``a``:
   ``(Q_[a] ⊙ exp(G_[a] − G_r)) (K_[b] ⊙ exp(G_r − G_[b]))ᵀ`` (both factors ≤ 1); diagonal sub-blocks are
   computed elementwise in fp32, column by column (a ``lax.scan`` over the ``sub`` columns, so no
@@ -50,6 +55,10 @@ Gates are clamped at ``pallas_kernels.gate_math.LOG_GATE_FLOOR`` (-30) first, so
 reset) and huge negative gates stay exact to fp32 precision instead of turning into NaN or swamping the
 cumsum.
 
+Layout: batch and heads share one leading axis ``Z = B·H`` inside (``[Z, N, C, D]``): XLA:CPU (jax 0.10.2)
+runs a reduction over fused elementwise work up to ~30× slower when an operand has a size-1 axis, and B = 1 is
+the common case (the secondary-chunking diagonal went from 677 ms to 75 ms at T = 8192, H = 4).
+
 Precision: matmul operands in the input dtype, ``preferred_element_type=float32``; gate cumsums, decay
 factors, ``P`` (before the PV matmul), the state carry and every gradient reduction are fp32.
 """
@@ -71,6 +80,12 @@ from seqmix.ops._recurrent import from_chunks, to_chunks
 Array = Any
 F32 = jnp.float32
 SUB_CHUNK = 16  # secondary-chunk rows for per-channel gates (FAMILIES.md §2.6)
+# Per-channel gates: a chunk whose log-decay span max_i G_i − min_i G_i (per channel) is at most this many
+# nats takes one anchored C×C matmul, with factors exp(±(G − m)) within e^{±20} of 1 (far from fp32/bf16
+# overflow: products with |q|, |k| up to 1e10 stay finite). Typical gates span a few nats per 64-token chunk
+# (GLA's logsigmoid/16 gate: ~3); a hard reset (g = −30 after clamping) still fits. Wider spans take
+# secondary chunking, which forms no positive exponent at all.
+ANCHOR_SPAN = 40.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +128,34 @@ def describe(call) -> str:
 # ----------------------------------------------------------------------------- layout helpers
 
 
-_chunks = to_chunks
-_unchunk = from_chunks
+def _chunks(x, c: int, n: int):
+    """``[B, T, H, ...]`` -> ``[Z = B·H, N, C, ...]``, zero-padded to ``N·C`` tokens.
+
+    Batch and heads share one axis because XLA:CPU runs reductions over fused elementwise work up to ~30×
+    slower when an operand has a size-1 axis (B = 1 is the common case; measured with jax 0.10.2, see
+    docs/RESULTS.md), and the chunked algorithm treats every (batch, head) row alike."""
+    x = to_chunks(x, c, n)
+    return x.reshape((-1,) + x.shape[2:])
+
+
+def _unchunk(x, t: int, heads: int):
+    """``[Z, N, C, ...]`` -> ``[B, T, H, ...]`` (padding dropped)."""
+    return from_chunks(x.reshape((-1, heads) + x.shape[1:]), t)
+
+
+def _by_row(x):
+    """``[B, H, ...]`` -> ``[Z, ...]`` (states and their cotangents)."""
+    return x.reshape((-1,) + x.shape[2:])
+
+
+def _by_head(x, heads: int):
+    """``[Z, ...]`` -> ``[B, H, ...]``."""
+    return x.reshape((-1, heads) + x.shape[1:])
+
+
+def _rows_of_resets(resets, heads: int):
+    """Per-batch ``[B, ...]`` -> per-row ``[Z, ...]`` (every head of a batch row shares its resets)."""
+    return jnp.repeat(resets, heads, axis=0)
 
 
 def _dot(spec: str, a, b):
@@ -139,18 +180,18 @@ def _rows(x, w, dtype):
 
 
 class _Chunked(NamedTuple):
-    q: Array  # [B, H, N, C, Dk] compute dtype
-    k: Array  # [B, H, N, C, Dk]
-    v: Array  # [B, H, N, C, Dv]
-    G: Array | None  # [B, H, N, C] or [B, H, N, C, Dk] fp32 chunk-local inclusive cumsum of g
-    seg: Array | None  # [B, 1, N, C] int32: resets seen so far inside the chunk
+    q: Array  # [Z, N, C, Dk] compute dtype (Z = batch × heads)
+    k: Array  # [Z, N, C, Dk]
+    v: Array  # [Z, N, C, Dv]
+    G: Array | None  # [Z, N, C] or [Z, N, C, Dk] fp32 chunk-local inclusive cumsum of g
+    seg: Array | None  # [Z, N, C] int32: resets seen so far inside the chunk
 
 
 class _Factors(NamedTuple):
     wq: Array | None  # exp(G_i), 0 after the chunk's first reset           (like G)
     wk: Array | None  # exp(G_C − G_j), 0 before the chunk's last reset      (like G)
-    a: Array | None  # exp(G_C), 0 if the chunk has a reset                   [B, H|1, N(, Dk)]
-    ok: Array  # bool [C, C] or [B, 1, N, C, C]: i ≥ j and same segment
+    a: Array | None  # exp(G_C), 0 if the chunk has a reset                   [Z, N(, Dk)]
+    ok: Array  # bool [C, C] or [Z, N, C, C]: i ≥ j and same segment
     gamma: Array | None  # fp32 [.., C, C] decay-and-mask matrix (paths "none" and "scalar")
 
 
@@ -161,11 +202,11 @@ def _split(cfg: ChunkConfig, q, k, v, g, resets) -> _Chunked:
     qc, kc, vc = _chunks(q, c, n), _chunks(k, c, n), _chunks(v, c, n).astype(cdt)
     big_g = None
     if g is not None:
-        big_g = jnp.cumsum(_chunks(g.astype(F32), c, n), axis=3)
+        big_g = jnp.cumsum(_chunks(g.astype(F32), c, n), axis=2)
     seg = None
     if resets is not None:
-        r = _chunks(resets.astype(jnp.int32)[:, :, None], c, n)[:, 0]  # [B, N, C]
-        seg = jnp.cumsum(r, axis=-1)[:, None]
+        r = _chunks(_rows_of_resets(resets.astype(jnp.int32), q.shape[2])[:, :, None], c, n)  # [Z, N, C]
+        seg = jnp.cumsum(r, axis=-1)
     return _Chunked(qc, kc, vc, big_g, seg)
 
 
@@ -202,10 +243,9 @@ def _state_pass(cfg: ChunkConfig, s_ext, a, h0, reverse: bool = False):
     Forward: outputs the chunk-start states ``S_{n-1}``. Reverse (``dS_{n-1} = a_n ⊙ dS_n + s_ext_n``):
     outputs the chunk-end gradients ``dS_n`` and ends on ``dS_0``.
     """
-    b, h = s_ext.shape[:2]
-    s0 = jnp.zeros((b, h) + s_ext.shape[3:], F32) if h0 is None else h0.astype(F32)
-    xs = jnp.moveaxis(s_ext, 2, 0)
-    a_s = None if a is None else jnp.moveaxis(a, 2, 0)
+    s0 = jnp.zeros(s_ext.shape[:1] + s_ext.shape[2:], F32) if h0 is None else h0.astype(F32)
+    xs = jnp.moveaxis(s_ext, 1, 0)
+    a_s = None if a is None else jnp.moveaxis(a, 1, 0)
     per_channel = cfg.gate == "channel"
 
     def body(s, inp):
@@ -216,7 +256,7 @@ def _state_pass(cfg: ChunkConfig, s_ext, a, h0, reverse: bool = False):
         return an * s + se, s
 
     last, seen = jax.lax.scan(body, s0, (xs, a_s), reverse=reverse)
-    return jnp.moveaxis(seen, 0, 2), last
+    return jnp.moveaxis(seen, 0, 1), last
 
 
 # ----------------------------------------------------------------------------- per-channel intra-chunk scores
@@ -306,15 +346,64 @@ def _channel_parts(cfg: ChunkConfig, x: _Chunked) -> _ChannelParts:
     return _ChannelParts(qs, ks, q_anch, k_anch, qf, kf, gs)
 
 
-def _scores(cfg: ChunkConfig, x: _Chunked, f: _Factors, cp: _ChannelParts | None):
-    """Intra-chunk ``P`` (fp32 ``[B, H, N, C, C]``, zero where j > i or across segments), without scale."""
-    if cp is None:
-        return _dot("bhnid,bhnjd->bhnij", x.q, x.k) * f.gamma
-    c = cfg.chunk
-    p_off = _dot("...aid,...ajd->...aij", cp.q_anch, cp.k_anch)  # [.., ns, sub, C]
-    p_diag = _diag_scores(cp.qs, cp.ks, cp.gs)  # [.., ns, sub, sub]
-    p = p_off.reshape(p_off.shape[:-3] + (c, c)) + _blockdiag(p_diag)
-    return jnp.where(f.ok, p, 0.0)
+def _anchorable(G):
+    """Scalar bool: every chunk's per-channel span ``max_i G_i − min_i G_i`` is at most ``ANCHOR_SPAN``."""
+    return jnp.all(G.max(axis=-2) - G.min(axis=-2) <= ANCHOR_SPAN)
+
+
+def _anchored_factors(G):
+    """``exp(G − m)`` and ``exp(m − G)`` (fp32 ``[Z, N, C, Dk]``), ``m`` the middle of each chunk's and
+    channel's range of G: within ``e^{±ANCHOR_SPAN/2}`` on an anchorable input."""
+    m = 0.5 * (G.max(axis=-2, keepdims=True) + G.min(axis=-2, keepdims=True))
+    return jnp.exp(G - m), jnp.exp(m - G)
+
+
+def _channel_scores(cfg: ChunkConfig, x: _Chunked, f: _Factors):
+    """Per-channel intra-chunk ``P``: one anchored matmul when the gates allow it, else secondary chunking."""
+    cdt = x.q.dtype
+
+    def anchored():
+        eq, ek = _anchored_factors(x.G)
+        return _dot("znid,znjd->znij", _rows(x.q, eq, cdt), _rows(x.k, ek, cdt))
+
+    def secondary():
+        cp = _channel_parts(cfg, x)
+        p_off = _dot("...aid,...ajd->...aij", cp.q_anch, cp.k_anch)  # [.., ns, sub, C]
+        p_diag = _diag_scores(cp.qs, cp.ks, cp.gs)  # [.., ns, sub, sub]
+        return p_off.reshape(p_off.shape[:-3] + (cfg.chunk, cfg.chunk)) + _blockdiag(p_diag)
+
+    return jnp.where(f.ok, jax.lax.cond(_anchorable(x.G), anchored, secondary), 0.0)
+
+
+def _channel_intra_grads(cfg: ChunkConfig, x: _Chunked, dp):
+    """``Σ_j dP_ij K_j ⊙ exp(G_i − G_j)`` and ``Σ_i dP_ij Q_i ⊙ exp(G_i − G_j)`` (fp32 ``[Z, N, C, Dk]``)
+    for a masked ``dP`` (zero for j ≥ i and across segments), on the path ``_channel_scores`` takes."""
+    cdt = x.q.dtype
+    c, sub = cfg.chunk, cfg.sub
+    ns = c // sub
+
+    def anchored():
+        eq, ek = _anchored_factors(x.G)
+        dpc = dp.astype(cdt)
+        return (eq * _dot("znij,znjd->znid", dpc, _rows(x.k, ek, cdt)),
+                ek * _dot("znij,znid->znjd", dpc, _rows(x.q, eq, cdt)))
+
+    def secondary():
+        cp = _channel_parts(cfg, x)
+        dp_off = dp.reshape(dp.shape[:-2] + (ns, sub, c)).astype(cdt)
+        dq_off = cp.qf * _dot("...aij,...ajd->...aid", dp_off, cp.k_anch)
+        dk_off = jnp.sum(cp.kf * _dot("...aij,...aid->...ajd", dp_off, cp.q_anch), axis=-3)
+        dq_diag, dk_diag = _diag_grads(cp.qs, cp.ks, cp.gs, _diag_blocks(dp, ns, sub))
+        return (dq_off + dq_diag).reshape(x.q.shape), dk_off + dk_diag.reshape(x.k.shape)
+
+    return jax.lax.cond(_anchorable(x.G), anchored, secondary)
+
+
+def _scores(cfg: ChunkConfig, x: _Chunked, f: _Factors):
+    """Intra-chunk ``P`` (fp32 ``[Z, N, C, C]``, zero where j > i or across segments), without scale."""
+    if cfg.gate == "channel":
+        return _channel_scores(cfg, x, f)
+    return _dot("znid,znjd->znij", x.q, x.k) * f.gamma
 
 
 # ----------------------------------------------------------------------------- forward and backward
@@ -324,22 +413,22 @@ def _forward(cfg: ChunkConfig, q, k, v, g, h0, resets):
     x = _split(cfg, q, k, v, g, resets)
     f = _factors(cfg, x)
     cdt = x.q.dtype
-    cp = _channel_parts(cfg, x) if cfg.gate == "channel" else None
-    s_ext = _dot("bhncd,bhnce->bhnde", _rows(x.k, f.wk, cdt), x.v)
-    s_start, s_final = _state_pass(cfg, s_ext, f.a, h0)
-    o = _dot("bhncd,bhnde->bhnce", _rows(x.q, f.wq, cdt), s_start.astype(cdt))
-    p = _scores(cfg, x, f, cp)
-    o = o + _dot("bhnij,bhnje->bhnie", p.astype(cdt), x.v)
-    return _unchunk(o, cfg.length) * cfg.scale, s_final
+    s_ext = _dot("zncd,znce->znde", _rows(x.k, f.wk, cdt), x.v)
+    s_start, s_final = _state_pass(cfg, s_ext, f.a, None if h0 is None else _by_row(h0))
+    o = _dot("zncd,znde->znce", _rows(x.q, f.wq, cdt), s_start.astype(cdt))
+    p = _scores(cfg, x, f)
+    o = o + _dot("znij,znje->znie", p.astype(cdt), x.v)
+    heads = q.shape[2]
+    return _unchunk(o, cfg.length, heads) * cfg.scale, _by_head(s_final, heads)
 
 
 def _segmented_reverse_cumsum(x, resets, axis: int):
-    """``y_t = x_t + y_{t+1}`` unless token t+1 starts a new segment (fp32). resets ``[B, T]`` or None."""
+    """``y_t = x_t + y_{t+1}`` unless token t+1 starts a new segment (fp32). x ``[Z, T(, D)]``, resets
+    ``[Z, T]`` or None."""
     if resets is None:
         return jax.lax.cumsum(x, axis=axis, reverse=True)
     cont = jnp.concatenate([~resets[:, 1:], jnp.zeros_like(resets[:, :1])], axis=1).astype(F32)
-    cont = cont[:, None] if x.ndim == 3 else cont[:, None, :, None]  # [B, 1, T(, 1)]
-    cont = jnp.broadcast_to(cont, x.shape)
+    cont = jnp.broadcast_to(cont if x.ndim == 2 else cont[..., None], x.shape)
 
     def combine(a, b):  # affine maps y -> x + m·y; `a` is applied first (it sits later in time)
         return a[0] * b[0], b[1] + b[0] * a[1]
@@ -354,67 +443,60 @@ def _backward(cfg: ChunkConfig, res, cts):
     x = _split(cfg, q, k, v, g, resets)
     f = _factors(cfg, x)
     cdt = x.q.dtype
-    cp = _channel_parts(cfg, x) if cfg.gate == "channel" else None
-    n = x.q.shape[2]
+    n, heads = x.q.shape[1], q.shape[2]
+    h0_rows = None if h0 is None else _by_row(h0)
+    dsf_rows = _by_row(dsf.astype(F32))
     kw = _rows(x.k, f.wk, cdt)
     qw = _rows(x.q, f.wq, cdt)
-    s_ext = _dot("bhncd,bhnce->bhnde", kw, x.v)
-    s_start, _ = _state_pass(cfg, s_ext, f.a, h0)
+    s_ext = _dot("zncd,znce->znde", kw, x.v)
+    s_start, _ = _state_pass(cfg, s_ext, f.a, h0_rows)
     # the scale is folded into dO: every q-linear path sees scale·do
     d_o = _chunks(do.astype(F32) * cfg.scale, cfg.chunk, n).astype(cdt)
-    ds_q = _dot("bhncd,bhnce->bhnde", qw, d_o)
-    ds_end, ds0 = _state_pass(cfg, ds_q, f.a, dsf.astype(F32), reverse=True)
+    ds_q = _dot("zncd,znce->znde", qw, d_o)
+    ds_end, ds0 = _state_pass(cfg, ds_q, f.a, dsf_rows, reverse=True)
     # inter-chunk (state) terms
-    dq = _dot("bhnce,bhnde->bhncd", d_o, s_start.astype(cdt))
-    dk = _dot("bhnce,bhnde->bhncd", x.v, ds_end.astype(cdt))
+    dq = _dot("znce,znde->zncd", d_o, s_start.astype(cdt))
+    dk = _dot("znce,znde->zncd", x.v, ds_end.astype(cdt))
     if f.wq is not None:
         dq = dq * (f.wq if f.wq.ndim == dq.ndim else f.wq[..., None])
     if f.wk is not None:
         dk = dk * (f.wk if f.wk.ndim == dk.ndim else f.wk[..., None])
-    dv = _dot("bhncd,bhnde->bhnce", kw, ds_end.astype(cdt))
+    dv = _dot("zncd,znde->znce", kw, ds_end.astype(cdt))
     # intra-chunk terms
-    p = _scores(cfg, x, f, cp)
-    dv = dv + _dot("bhnij,bhnie->bhnje", p.astype(cdt), d_o)
-    dp = _dot("bhnie,bhnje->bhnij", d_o, x.v)
+    p = _scores(cfg, x, f)
+    dv = dv + _dot("znij,znie->znje", p.astype(cdt), d_o)
+    dp = _dot("znie,znje->znij", d_o, x.v)
     # The i = j term (Γ_ii = 1) is added after the gate gradient: it cancels exactly in q ⊙ dq − k ⊙ dk,
     # and leaving it out of that difference avoids fp32 cancellation noise when the gates decay fast.
     eye = jnp.eye(cfg.chunk, dtype=bool)
-    dp_diag = jnp.diagonal(dp, axis1=-2, axis2=-1)[..., None]  # [B, H, N, C, 1]
-    if cp is None:
-        da = jnp.where(eye, 0.0, dp * f.gamma).astype(cdt)
-        dq = dq + _dot("bhnij,bhnjd->bhnid", da, x.k)
-        dk = dk + _dot("bhnij,bhnid->bhnjd", da, x.q)
+    dp_diag = jnp.diagonal(dp, axis1=-2, axis2=-1)[..., None]  # [Z, N, C, 1]
+    if cfg.gate == "channel":
+        dq_intra, dk_intra = _channel_intra_grads(cfg, x, jnp.where(f.ok & ~eye, dp, 0.0))
+        dq, dk = dq + dq_intra, dk + dk_intra
     else:
-        c, sub = cfg.chunk, cfg.sub
-        ns = c // sub
-        dp = jnp.where(f.ok & ~eye, dp, 0.0)
-        dp_off = dp.reshape(dp.shape[:-2] + (ns, sub, c)).astype(cdt)
-        dq_off = cp.qf * _dot("...aij,...ajd->...aid", dp_off, cp.k_anch)
-        dk_off = jnp.sum(cp.kf * _dot("...aij,...aid->...ajd", dp_off, cp.q_anch), axis=-3)
-        dq_diag, dk_diag = _diag_grads(cp.qs, cp.ks, cp.gs, _diag_blocks(dp, ns, sub))
-        dq = dq + (dq_off + dq_diag).reshape(dq.shape)
-        dk = dk + dk_off + dk_diag.reshape(dk.shape)
+        da = jnp.where(eye, 0.0, dp * f.gamma).astype(cdt)
+        dq = dq + _dot("znij,znjd->znid", da, x.k)
+        dk = dk + _dot("znij,znid->znjd", da, x.q)
     qf32, kf32 = x.q.astype(F32), x.k.astype(F32)
     dg = None
     if g is not None:
-        dlogb = qf32 * dq - kf32 * dk  # [B, H, N, C, Dk]
-        final_term = jnp.sum(s_final * dsf.astype(F32), axis=-1)  # [B, H, Dk]
+        dlogb = qf32 * dq - kf32 * dk  # [Z, N, C, Dk]
+        final_term = jnp.sum(_by_row(s_final) * dsf_rows, axis=-1)  # [Z, Dk]
         if cfg.gate == "scalar":
             dlogb, final_term = jnp.sum(dlogb, axis=-1), jnp.sum(final_term, axis=-1)
-        dlogb = dlogb.at[:, :, -1, -1].add(final_term)  # the padded row end: g = 0 after T
-        b, h = dlogb.shape[:2]
-        flat = dlogb.reshape((b, h, n * cfg.chunk) + dlogb.shape[4:])
+        dlogb = dlogb.at[:, -1, -1].add(final_term)  # the padded row end: g = 0 after T
+        flat = dlogb.reshape((dlogb.shape[0], n * cfg.chunk) + dlogb.shape[3:])
         r = None
         if resets is not None:
-            r = jnp.pad(resets, [(0, 0), (0, n * cfg.chunk - cfg.length)])
-        dg = _segmented_reverse_cumsum(flat, r, axis=2)
-        dg = _unchunk(dg.reshape(dlogb.shape), cfg.length).astype(g.dtype)
+            r = _rows_of_resets(jnp.pad(resets, [(0, 0), (0, n * cfg.chunk - cfg.length)]), heads)
+        dg = _segmented_reverse_cumsum(flat, r, axis=1)
+        dg = _unchunk(dg.reshape(dlogb.shape), cfg.length, heads).astype(g.dtype)
     dq = dq + dp_diag * kf32
     dk = dk + dp_diag * qf32
-    dq = _unchunk(dq, cfg.length).astype(q.dtype)
-    dk = _unchunk(dk, cfg.length).astype(k.dtype)
-    dv = _unchunk(dv, cfg.length).astype(v.dtype)
-    dh0 = None if h0 is None else ds0.astype(h0.dtype)
+    dq = _unchunk(dq, cfg.length, heads).astype(q.dtype)
+    dk = _unchunk(dk, cfg.length, heads).astype(k.dtype)
+    dv = _unchunk(dv, cfg.length, heads).astype(v.dtype)
+    dh0 = None if h0 is None else _by_head(ds0, heads).astype(h0.dtype)
     return dq, dk, dv, dg, dh0, None
 
 

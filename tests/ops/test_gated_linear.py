@@ -461,3 +461,35 @@ def test_bad_input_raises():
         gla_step(q[:, 0], k[:, 0], v[:, 0], None, g=gs[:, 0])
     with pytest.raises(ValueError, match="state"):
         simple_gla_step(q[:, 0], k[:, 0], v[:, 0], jnp.zeros((B, H, DK, DK + 1)), g=gs[:, 0])
+
+
+def _chunked_vjp(q, k, v, g, h0, resets, cot, chunk):
+    """The per-channel chunked form's output and VJP, traced afresh (so a patched ANCHOR_SPAN takes effect)."""
+    cfg = _gated_chunk.make_config(q, g, chunk, 1.0 / math.sqrt(q.shape[-1]))
+    f = lambda *a: _gated_chunk._chunked(cfg, *a, resets)  # noqa: E731
+    out, pullback = jax.vjp(f, q, k, v, g, h0)
+    return out, pullback(cot)
+
+
+def test_gla_anchored_and_secondary_paths_agree(monkeypatch):
+    """Typical gates take the one-matmul anchored path, wide gate spans the secondary chunking; on an input
+    both can serve they agree (forward, VJP, with segments and a length that does not divide the chunk)."""
+    t = 100
+    q, k, v, _, h0 = make_inputs("gla", t)
+    g = _stress_gate("gla", "z=10", t)
+    cot = make_cotangents("gla", t)
+    resets = segments([30, 70], [100]) != jnp.roll(segments([30, 70], [100]), 1, axis=1)
+    resets = resets.at[:, 0].set(True)
+    split = _gated_chunk._split(_gated_chunk.make_config(q, g, 64, 1.0), q, k, v, g, resets)
+    assert bool(_gated_chunk._anchorable(split.G))
+    wide = _stress_gate("gla", "-50", t)
+    assert not bool(_gated_chunk._anchorable(_gated_chunk._split(
+        _gated_chunk.make_config(q, wide, 64, 1.0), q, k, v, wide, resets).G))
+    run = lambda: jax.jit(lambda *a: _chunked_vjp(*a, 64))(q, k, v, g, h0, resets, cot)  # noqa: E731  a new trace
+    anchored = run()
+    monkeypatch.setattr(_gated_chunk, "ANCHOR_SPAN", -1.0)  # no chunk qualifies: secondary chunking
+    secondary = run()
+    names = ("o", "final_state", "dq", "dk", "dv", "dg", "dh0")
+    roles = ("out", "out", "grad", "grad", "grad", "gate", "grad")
+    for x, y, n, role in zip(jax.tree_util.tree_leaves(anchored), jax.tree_util.tree_leaves(secondary), names, roles):
+        testing.assert_close(x, y, role=role, name=n)
