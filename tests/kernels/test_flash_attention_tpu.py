@@ -83,6 +83,15 @@ def test_packed_documents(mask_name):
     compare(q, k, v, mask=MASKS[mask_name](t, t), segment_ids=seg)
 
 
+@pytest.mark.parametrize("grid, opts", [((9, 10), dict(kernel_size=(3, 4), dilation=(2, 1), stride=(1, 2))),
+                                         ((3, 5, 6), dict(kernel_size=(2, 3, 5), is_causal=(True, False, False)))])
+def test_neighborhood_masks_match_reference(grid, opts):
+    """2-D / 3-D neighborhood masks on flattened grids: the in-kernel predicate decodes grid coordinates."""
+    t = int(np.prod(grid))
+    q, k, v = qkv(5, 1, t, t, 2, 1, 16)
+    compare(q, k, v, mask=ops.neighborhood(grid, **opts))
+
+
 def test_gqa_group_of_four():
     # G = 4 here; G = 2 in the mask tests, G = 1 in test_keys_with_holes_and_explicit_positions.
     q, k, v = qkv(2, 1, 70, 90, 8, 2, 8, dv=24)  # cross lengths, v head dim != qk head dim

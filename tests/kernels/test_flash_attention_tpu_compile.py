@@ -105,3 +105,22 @@ def test_every_feature_lowers(meshes):
         compiled = _compile_train_step(meshes("v5e"), (b, t, hq, d), (b, t, hkv, d), jnp.float32,
                                        segments=True, sinks=True, mask=mask, soft_cap=30.0)
     _check_kernels(compiled, "v5e")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grid, batch, opts", [((64, 64), 2, dict(kernel_size=7)),
+                                               ((64, 64), 2, dict(kernel_size=13, dilation=2)),
+                                               ((16, 32, 32), 1, dict(kernel_size=(3, 7, 7)))])
+def test_neighborhood_attention_compiles(meshes, grid, batch, opts):
+    """2-D and 3-D neighborhood attention (bf16, 8 heads of 128) forward + backward on v5e."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = meshes("v5e")
+    x = jax.ShapeDtypeStruct((batch,) + grid + (8, 128), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+
+    def loss(q, k, v):
+        return ops.neighborhood_attention(q, k, v, impl="pallas_tpu", **opts).astype(jnp.float32).sum()
+
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile()
+    _check_kernels(compiled, "v5e")
