@@ -42,6 +42,7 @@ def measure(result, cfg) -> dict:
 
 def plot(records: list[dict], path: Path) -> Path:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     pairs = sorted({r["num_kv_pairs"] for r in records})
     fig = Figure(figsize=(4.5 * len(pairs), 4), layout="constrained")
@@ -52,6 +53,7 @@ def plot(records: list[dict], path: Path) -> Path:
                          if r["mixers"] == mixer and r["num_kv_pairs"] == p)
             ax.plot(*zip(*pts), "o-", color=f"C{i % 10}", label=mixer)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels (3×10³, 4×10³, ...) overlap
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("state size (floats per sequence, all layers)")
         ax.set_title(f"{p} key-value pairs")
