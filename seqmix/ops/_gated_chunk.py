@@ -57,7 +57,8 @@ cumsum.
 
 Layout: batch and heads share one leading axis ``Z = B·H`` inside (``[Z, N, C, D]``): XLA:CPU (jax 0.10.2)
 runs a reduction over fused elementwise work up to ~30× slower when an operand has a size-1 axis, and B = 1 is
-the common case (the secondary-chunking diagonal went from 677 ms to 75 ms at T = 8192, H = 4).
+the common case (the secondary-chunking diagonal went from 677 ms to 75 ms at T = 8192, H = 4; jax 0.12's
+XLA no longer has the slowdown, and the shared axis costs nothing there).
 
 Precision: matmul operands in the input dtype, ``preferred_element_type=float32``; gate cumsums, decay
 factors, ``P`` (before the PV matmul), the state carry and every gradient reduction are fp32.
@@ -132,8 +133,8 @@ def _chunks(x, c: int, n: int):
     """``[B, T, H, ...]`` -> ``[Z = B·H, N, C, ...]``, zero-padded to ``N·C`` tokens.
 
     Batch and heads share one axis because XLA:CPU runs reductions over fused elementwise work up to ~30×
-    slower when an operand has a size-1 axis (B = 1 is the common case; measured with jax 0.10.2, see
-    docs/RESULTS.md), and the chunked algorithm treats every (batch, head) row alike."""
+    slower when an operand has a size-1 axis (B = 1 is the common case; measured with jax 0.10.2, gone in
+    jax 0.12's XLA, see docs/RESULTS.md), and the chunked algorithm treats every (batch, head) row alike."""
     x = to_chunks(x, c, n)
     return x.reshape((-1,) + x.shape[2:])
 
