@@ -20,10 +20,10 @@ from seqmix.ops.simple_gla import simple_gla, simple_gla_step
 from seqmix.ops._capabilities import capability_markdown, capability_rows  # noqa: E402
 
 __all__ = [
-    "BACKWARD_FLOPS", "FAMILIES", "KVCache", "attention", "attention_decode", "cache_size_for", "capability_markdown",
-    "capability_rows", "debug_checks", "delta_rule", "delta_rule_step", "explain", "gated_delta_rule",
-    "gated_delta_rule_step", "get_family", "gla", "gla_step", "init_kv_cache", "lightning_decay",
-    "linear_attention", "linear_attention_step", "masks", "merge_lse", "neighborhood", "neighborhood_attention", "Neighborhood", "retention", "retention_step",
-    "retnet_decay", "simple_gla", "simple_gla_step", "taylor_feature_map", "update_kv_cache", "useful_flops",
-    "with_backward",
+    "BACKWARD_FLOPS", "FAMILIES", "KVCache", "Neighborhood", "attention", "attention_decode", "cache_size_for",
+    "capability_markdown", "capability_rows", "debug_checks", "delta_rule", "delta_rule_step", "explain",
+    "gated_delta_rule", "gated_delta_rule_step", "get_family", "gla", "gla_step", "init_kv_cache",
+    "lightning_decay", "linear_attention", "linear_attention_step", "masks", "merge_lse", "neighborhood",
+    "neighborhood_attention", "retention", "retention_step", "retnet_decay", "simple_gla", "simple_gla_step",
+    "taylor_feature_map", "update_kv_cache", "useful_flops", "with_backward",
 ]

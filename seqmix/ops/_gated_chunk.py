@@ -359,51 +359,50 @@ def _anchored_factors(G):
     return jnp.exp(G - m), jnp.exp(m - G)
 
 
-def _channel_scores(cfg: ChunkConfig, x: _Chunked, f: _Factors):
-    """Per-channel intra-chunk ``P``: one anchored matmul when the gates allow it, else secondary chunking."""
-    cdt = x.q.dtype
+def _channel_intra(cfg: ChunkConfig, x: _Chunked, f: _Factors, dp=None):
+    """Per-channel intra-chunk work on one path, chosen once: the anchored C×C matmul when the gates allow it
+    (:func:`_anchorable`), else secondary chunking.
 
-    def anchored():
-        eq, ek = _anchored_factors(x.G)
-        return _dot("znid,znjd->znij", _rows(x.q, eq, cdt), _rows(x.k, ek, cdt))
-
-    def secondary():
-        cp = _channel_parts(cfg, x)
-        p_off = _dot("...aid,...ajd->...aij", cp.q_anch, cp.k_anch)  # [.., ns, sub, C]
-        p_diag = _diag_scores(cp.qs, cp.ks, cp.gs)  # [.., ns, sub, sub]
-        return p_off.reshape(p_off.shape[:-3] + (cfg.chunk, cfg.chunk)) + _blockdiag(p_diag)
-
-    return jnp.where(f.ok, jax.lax.cond(_anchorable(x.G), anchored, secondary), 0.0)
-
-
-def _channel_intra_grads(cfg: ChunkConfig, x: _Chunked, dp):
-    """``Σ_j dP_ij K_j ⊙ exp(G_i − G_j)`` and ``Σ_i dP_ij Q_i ⊙ exp(G_i − G_j)`` (fp32 ``[Z, N, C, Dk]``)
-    for a masked ``dP`` (zero for j ≥ i and across segments), on the path ``_channel_scores`` takes."""
+    Returns ``P`` (fp32 ``[Z, N, C, C]``, masked); given a masked ``dP`` (zero for j ≥ i and across segments)
+    also ``Σ_j dP_ij K_j ⊙ exp(G_i − G_j)`` and ``Σ_i dP_ij Q_i ⊙ exp(G_i − G_j)`` (fp32 ``[Z, N, C, Dk]``).
+    """
     cdt = x.q.dtype
     c, sub = cfg.chunk, cfg.sub
     ns = c // sub
 
     def anchored():
         eq, ek = _anchored_factors(x.G)
+        qa, ka = _rows(x.q, eq, cdt), _rows(x.k, ek, cdt)
+        p = _dot("znid,znjd->znij", qa, ka)
+        if dp is None:
+            return p
         dpc = dp.astype(cdt)
-        return (eq * _dot("znij,znjd->znid", dpc, _rows(x.k, ek, cdt)),
-                ek * _dot("znij,znid->znjd", dpc, _rows(x.q, eq, cdt)))
+        return p, eq * _dot("znij,znjd->znid", dpc, ka), ek * _dot("znij,znid->znjd", dpc, qa)
 
     def secondary():
         cp = _channel_parts(cfg, x)
+        p_off = _dot("...aid,...ajd->...aij", cp.q_anch, cp.k_anch)  # [.., ns, sub, C]
+        p_diag = _diag_scores(cp.qs, cp.ks, cp.gs)  # [.., ns, sub, sub]
+        p = p_off.reshape(p_off.shape[:-3] + (c, c)) + _blockdiag(p_diag)
+        if dp is None:
+            return p
         dp_off = dp.reshape(dp.shape[:-2] + (ns, sub, c)).astype(cdt)
         dq_off = cp.qf * _dot("...aij,...ajd->...aid", dp_off, cp.k_anch)
         dk_off = jnp.sum(cp.kf * _dot("...aij,...aid->...ajd", dp_off, cp.q_anch), axis=-3)
         dq_diag, dk_diag = _diag_grads(cp.qs, cp.ks, cp.gs, _diag_blocks(dp, ns, sub))
-        return (dq_off + dq_diag).reshape(x.q.shape), dk_off + dk_diag.reshape(x.k.shape)
+        return p, (dq_off + dq_diag).reshape(x.q.shape), dk_off + dk_diag.reshape(x.k.shape)
 
-    return jax.lax.cond(_anchorable(x.G), anchored, secondary)
+    out = jax.lax.cond(_anchorable(x.G), anchored, secondary)
+    if dp is None:
+        return jnp.where(f.ok, out, 0.0)
+    p, dq, dk = out
+    return jnp.where(f.ok, p, 0.0), dq, dk
 
 
 def _scores(cfg: ChunkConfig, x: _Chunked, f: _Factors):
     """Intra-chunk ``P`` (fp32 ``[Z, N, C, C]``, zero where j > i or across segments), without scale."""
     if cfg.gate == "channel":
-        return _channel_scores(cfg, x, f)
+        return _channel_intra(cfg, x, f)
     return _dot("znid,znjd->znij", x.q, x.k) * f.gamma
 
 
@@ -464,20 +463,20 @@ def _backward(cfg: ChunkConfig, res, cts):
         dk = dk * (f.wk if f.wk.ndim == dk.ndim else f.wk[..., None])
     dv = _dot("zncd,znde->znce", kw, ds_end.astype(cdt))
     # intra-chunk terms
-    p = _scores(cfg, x, f)
-    dv = dv + _dot("znij,znie->znje", p.astype(cdt), d_o)
     dp = _dot("znie,znje->znij", d_o, x.v)
     # The i = j term (Γ_ii = 1) is added after the gate gradient: it cancels exactly in q ⊙ dq − k ⊙ dk,
     # and leaving it out of that difference avoids fp32 cancellation noise when the gates decay fast.
     eye = jnp.eye(cfg.chunk, dtype=bool)
     dp_diag = jnp.diagonal(dp, axis1=-2, axis2=-1)[..., None]  # [Z, N, C, 1]
     if cfg.gate == "channel":
-        dq_intra, dk_intra = _channel_intra_grads(cfg, x, jnp.where(f.ok & ~eye, dp, 0.0))
+        p, dq_intra, dk_intra = _channel_intra(cfg, x, f, jnp.where(f.ok & ~eye, dp, 0.0))
         dq, dk = dq + dq_intra, dk + dk_intra
     else:
+        p = _scores(cfg, x, f)
         da = jnp.where(eye, 0.0, dp * f.gamma).astype(cdt)
         dq = dq + _dot("znij,znjd->znid", da, x.k)
         dk = dk + _dot("znij,znid->znjd", da, x.q)
+    dv = dv + _dot("znij,znie->znje", p.astype(cdt), d_o)
     qf32, kf32 = x.q.astype(F32), x.k.astype(F32)
     dg = None
     if g is not None:

@@ -109,8 +109,8 @@ class Neighborhood(Mask):
             any_ = any_ & (ka <= d * end_max + d - 1) & (kb >= d * start_min)
             if d == 1:  # every query's window contains [start(qb), end(qa)]
                 all_ = all_ & (ka >= _window(qb, size, k, s, causal)[0]) & (kb <= _window(qa, size, k, s, causal)[1])
-            else:
-                all_ = all_ & False
+            else:  # pairs of different residues never match, and a block holds several
+                all_ = False
         shape = jnp.broadcast_shapes(jnp.shape(q.pos_lo), jnp.shape(kv.pos_lo))
         return jnp.broadcast_to(any_, shape), jnp.broadcast_to(all_, shape)
 
