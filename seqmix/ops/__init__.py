@@ -13,14 +13,14 @@ from seqmix.ops.delta_rule import delta_rule, delta_rule_step
 from seqmix.ops.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
 from seqmix.ops.gla import gla, gla_step
 from seqmix.ops.neighborhood import neighborhood_attention
-from seqmix.ops.neighborhood_mask import Neighborhood, neighborhood
+from seqmix.ops.neighborhood_mask import CausalNeighborhood, Neighborhood, neighborhood
 from seqmix.ops.linear_attention import linear_attention, linear_attention_step, taylor_feature_map
 from seqmix.ops.retention import lightning_decay, retention, retention_step, retnet_decay
 from seqmix.ops.simple_gla import simple_gla, simple_gla_step
 from seqmix.ops._capabilities import capability_markdown, capability_rows  # noqa: E402
 
 __all__ = [
-    "BACKWARD_FLOPS", "FAMILIES", "KVCache", "Neighborhood", "attention", "attention_decode", "cache_size_for",
+    "BACKWARD_FLOPS", "CausalNeighborhood", "FAMILIES", "KVCache", "Neighborhood", "attention", "attention_decode", "cache_size_for",
     "capability_markdown", "capability_rows", "debug_checks", "delta_rule", "delta_rule_step", "explain",
     "gated_delta_rule", "gated_delta_rule_step", "get_family", "gla", "gla_step", "init_kv_cache",
     "lightning_decay", "linear_attention", "linear_attention_step", "masks", "merge_lse", "neighborhood",

@@ -120,6 +120,47 @@ class Neighborhood(Mask):
         return None, 0
 
 
+@dataclasses.dataclass(frozen=True)
+class CausalNeighborhood(Mask):
+    """The 1-D causal neighborhood (stride 1) on relative positions: key ``j`` for query ``i`` iff
+    ``i − j ∈ {0, d, 2d, …, (k − 1)·d}``.
+
+    Equal to ``neighborhood((T,), k, d, is_causal=True)`` for every ``T`` (the causal window ends at the query
+    and is truncated, not shifted, at the start), but bound to no grid size: for language models (the ``na``
+    mixer), packed documents (it reads only ``i − j``, so windows never reach into another segment's
+    residues) and decoding (``cache_extent``: the last ``(k − 1)·d + 1`` keys).
+    """
+
+    kernel_size: int
+    dilation: int = 1
+
+    def __post_init__(self):
+        for name in ("kernel_size", "dilation"):
+            val = getattr(self, name)
+            if isinstance(val, (bool, np.bool_)) or not isinstance(val, (int, np.integer)) or val < 1:
+                raise ValueError(f"CausalNeighborhood: {name} must be an int >= 1; got {val!r}")
+
+    @property
+    def span(self) -> int:
+        """Keys from the oldest allowed one to the query itself, inclusive."""
+        return (self.kernel_size - 1) * self.dilation + 1
+
+    def allowed(self, q, kv):
+        back = q.pos - kv.pos
+        return (back >= 0) & (back < self.span) & (back % self.dilation == 0)
+
+    def bounds(self, q, kv):
+        back_min = q.pos_lo - kv.pos_hi  # smallest i − j in the block
+        back_max = q.pos_hi - kv.pos_lo
+        any_ = (back_max >= 0) & (back_min < self.span)
+        all_ = (back_min >= 0) & (back_max < self.span) & (self.dilation == 1)
+        shape = jnp.broadcast_shapes(jnp.shape(q.pos_lo), jnp.shape(kv.pos_lo))
+        return jnp.broadcast_to(any_, shape), jnp.broadcast_to(all_, shape)
+
+    def cache_extent(self):
+        return self.span, 0
+
+
 def _rule(xq, xk, size: int, k: int, d: int, s: int, causal: bool):
     """The 1-D rule on grid coordinates (int arrays that broadcast)."""
     same_group = (xq % d) == (xk % d)

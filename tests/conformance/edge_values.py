@@ -96,24 +96,37 @@ def recurrent_cases(fam) -> list[Case]:
     return cases
 
 
+def _has(fam, name: str) -> bool:
+    return any(a.name == name for a in fam.args)
+
+
 def attention_cases(fam) -> list[Case]:
+    """The softmax cases; those that need a ``mask``, ``sink_logits`` or ``soft_cap`` argument only for the
+    families that take it (neighborhood attention has its mask built in)."""
     inputs = fam.make_inputs(fam, jax.random.PRNGKey(12), batch=1, seq=T_ATTN, heads=4, dk=8, dv=8)
     q, k, v = inputs.args
-    kw = {"mask": M.Causal(), "return_lse": True, "block_q": BLOCK, "block_kv": BLOCK}
-    rows = np.tril(np.ones((T_ATTN, T_ATTN), bool))
-    rows[3:7] = False  # four fully masked query rows inside the first block
-    # per head: a sink, no sink (-inf), a sink that swamps every key, one that never matters
-    sinks = jnp.array([2.0, -jnp.inf, 1e4, -1e4])
-    return [
+    kw = {**inputs.options, "return_lse": True, "block_q": BLOCK, "block_kv": BLOCK}
+    if _has(fam, "mask"):
+        kw["mask"] = M.Causal()
+    one = fam.make_inputs(fam, jax.random.PRNGKey(12), batch=1, seq=1, heads=4, dk=8, dv=8).options
+    cases = [
         Case("non_finite", (q, k, v), kw, poison=POISONS),
-        Case("masked_rows", (q, k, v), {**kw, "mask": M.Explicit(rows)}),
-        Case("masked_rows_sinks", (q, k, v), {**kw, "mask": M.Explicit(rows), "sink_logits": sinks}),
         Case("large_logits", (q * 1e3, k, v), kw),
-        Case("soft_cap_large_logits", (q * 1e4, k, v), {**kw, "soft_cap": 20.0}),
-        Case("length_1", (q[:, :1], k[:, :1], v[:, :1]), kw),
+        Case("length_1", (q[:, :1], k[:, :1], v[:, :1]), {**kw, **one}),
         Case("bf16_large_q", (q.astype(jnp.bfloat16) * jnp.bfloat16(100), k.astype(jnp.bfloat16),
                               v.astype(jnp.bfloat16)), kw, kind="softmax_bf16"),
     ]
+    if _has(fam, "mask"):
+        rows = np.tril(np.ones((T_ATTN, T_ATTN), bool))
+        rows[3:7] = False  # four fully masked query rows inside the first block
+        cases.append(Case("masked_rows", (q, k, v), {**kw, "mask": M.Explicit(rows)}))
+        if _has(fam, "sink_logits"):
+            # per head: a sink, no sink (-inf), a sink that swamps every key, one that never matters
+            sinks = jnp.array([2.0, -jnp.inf, 1e4, -1e4])
+            cases.append(Case("masked_rows_sinks", (q, k, v), {**kw, "mask": M.Explicit(rows), "sink_logits": sinks}))
+    if _has(fam, "soft_cap"):
+        cases.append(Case("soft_cap_large_logits", (q * 1e4, k, v), {**kw, "soft_cap": 20.0}))
+    return cases
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,8 +142,10 @@ def case(fam, name: str) -> Case:
 def case_names(fam) -> list[str]:
     """The names of the family's cases, without building the arrays (for test collection)."""
     if fam.kind == "softmax":
-        return ["non_finite", "masked_rows", "masked_rows_sinks", "large_logits", "soft_cap_large_logits",
-                "length_1", "bf16_large_q"]
+        return (["non_finite", "large_logits", "length_1", "bf16_large_q"]
+                + (["masked_rows"] + (["masked_rows_sinks"] if _has(fam, "sink_logits") else [])
+                   if _has(fam, "mask") else [])
+                + (["soft_cap_large_logits"] if _has(fam, "soft_cap") else []))
     return ["non_finite"] + (["hard_gates"] if _gate_names(fam) else []) + ["length_1", "bf16_large_q"]
 
 
@@ -138,7 +153,7 @@ def empty_call(fam) -> tuple[tuple, dict]:
     """The family's arguments with the sequence axis cut to length 0."""
     if fam.kind == "softmax":
         inputs = fam.make_inputs(fam, jax.random.PRNGKey(0), batch=1, seq=4, heads=2, dk=8, dv=8)
-        return tuple(x[:, :0] for x in inputs.args), {"mask": M.Causal()}
+        return tuple(x[:, :0] for x in inputs.args), {**inputs.options, **({"mask": M.Causal()} if _has(fam, "mask") else {})}
     args, kw = _recurrent_base(fam, seq=4)
     per_token = {a.name for a in fam.per_token}
     pos = [x[:, :0] if n in per_token else x for n, x in zip(fam.positional, args[3:])]

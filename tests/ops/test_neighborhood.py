@@ -185,3 +185,58 @@ def test_gqa_and_lse():
         neighborhood_attention(q, kv[:, :5], kv[:, :5], kernel_size=3)
     with pytest.raises(ValueError, match=r"\[B, X, H, D\]"):
         neighborhood_attention(q[0, 0], kv[0, 0], kv[0, 0], kernel_size=3)
+
+
+# ----------------------------------------------------------------------------- the size-free 1-D causal rule
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _dense_relative(mask, t):
+    p = jnp.arange(t)
+    return mask.allowed(M.Coords(p[:, None], p[:, None]), M.Coords(p[None, :], p[None, :]))
+
+
+@pytest.mark.parametrize("t, k, d", [(20, 3, 1), (20, 4, 3), (9, 3, 3), (7, 7, 1)])
+def test_causal_neighborhood_equals_the_grid_rule(t, k, d):
+    """``CausalNeighborhood(k, d)`` is ``neighborhood((T,), k, d, is_causal=True)`` at every length."""
+    from seqmix.ops import CausalNeighborhood
+
+    mask = CausalNeighborhood(k, d)
+    np.testing.assert_array_equal(np.asarray(_dense_relative(mask, t)), dense(neighborhood((t,), k, d, is_causal=True)))
+    assert mask.cache_extent() == ((k - 1) * d + 1, 0)
+    for bq, bk in ((8, 8), (16, 8)):
+        tp, sp = -(-t // bq) * bq, -(-t // bk) * bk
+        pos = jnp.arange(t, dtype=jnp.int32)
+        q_pos, kv_pos = block_meta.pad_to(pos, 0, tp), block_meta.pad_to(pos, 0, sp, -1)
+        cls = np.asarray(block_meta.classify_blocks(mask, q_pos, kv_pos, q_pos[None], kv_pos[None], None, None,
+                                                    jnp.arange(tp) < t, bq, bk))
+        full = np.zeros((tp, sp), bool)
+        full[:t, :t] = np.asarray(_dense_relative(mask, t))
+        blocks = full.reshape(tp // bq, bq, sp // bk, bk)
+        assert not (blocks.any(axis=(1, 3)) & (cls == M.EMPTY)).any()
+        rows_valid = (np.arange(tp) < t).reshape(tp // bq, bq)[:, :, None, None]
+        assert (blocks | ~rows_valid).all(axis=(1, 3))[cls == M.FULL].all()
+    with pytest.raises(ValueError, match="kernel_size must be an int >= 1"):
+        CausalNeighborhood(0)
+
+
+def test_causal_neighborhood_decode_equals_the_parallel_op():
+    """1-D causal decode: a ring of (K − 1)·D + 1 keys, a prompt then single tokens, equals the op."""
+    from seqmix import ops
+
+    rng = np.random.default_rng(4)
+    t, k, d = 23, 4, 3
+    q = jnp.asarray(rng.standard_normal((2, t, 4, 8)), jnp.float32)
+    kv = jnp.asarray(rng.standard_normal((2, t, 2, 8)), jnp.float32)
+    want = neighborhood_attention(q, kv, kv, kernel_size=k, dilation=d, is_causal=True, impl="reference")
+    mask = ops.CausalNeighborhood(k, d)
+    ring, n_sink = ops.cache_size_for(mask, t)
+    assert (ring, n_sink) == ((k - 1) * d + 1, 0)
+    cache = ops.init_kv_cache(2, 2, 8, ring=ring, n_sink=n_sink, dtype=jnp.float32)
+    step = jax.jit(lambda q, k, v, c: ops.attention_decode(q, k, v, c, mask=mask))
+    outs, (o, cache) = [], step(q[:, :13], kv[:, :13], kv[:, :13], cache)  # a prompt longer than the ring
+    outs.append(o)
+    for i in range(13, t):
+        o, cache = step(q[:, i:i + 1], kv[:, i:i + 1], kv[:, i:i + 1], cache)
+        outs.append(o)
+    testing.assert_close(jnp.concatenate(outs, 1), want, role="out", name="decode vs parallel")
