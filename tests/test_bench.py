@@ -66,3 +66,22 @@ def test_mask_argument(bench):
     assert bench.parse_mask("window:7") == M.LocalWindow(7)
     with pytest.raises(Exception, match="window:W"):
         bench.parse_mask("window")
+
+
+def test_neighborhood_bench_at_toy_size(tmp_path):
+    """experiments/na_bench.py: every candidate timed per mode, tile fractions from the table and from the
+    block metadata (which may over-count non-empty tiles, never under-count), JSON, table and plot."""
+    spec = importlib.util.spec_from_file_location("na_bench", ROOT / "experiments" / "na_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "na.json"
+    assert mod.main(["--grids", "16", "--kernel", "3", "--block", "16", "--tile", "4", "4", "--repeats", "1",
+                     "--matmul-size", "64", "--out", str(out), "--plot", str(tmp_path / "na.png")]) == 0
+    result = json.loads(out.read_text())
+    assert {(r["impl"], r["mode"]) for r in result["rows"]} == {
+        (i, m) for i in ("neighborhood_attention", "attention + Explicit", "attention (full)") for m in ("fwd", "fwd+bwd")}
+    (tile,) = result["tiles"]
+    assert tile["allowed_fraction"] == pytest.approx(9 / 256)  # every query sees exactly 3×3 keys
+    assert tile["row_major_metadata"]["non_empty"] >= tile["row_major"]["non_empty"] > 0
+    assert tile["row_major"]["non_empty"] < 1 and tile["tile_major"]["non_empty"] < 1
+    assert (tmp_path / "na.png").stat().st_size > 10_000

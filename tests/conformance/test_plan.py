@@ -21,7 +21,7 @@ def test_every_record_is_complete():
             assert fam.state and fam.decode and fam.sp_summary, name
 
 
-def test_every_recurrent_strategy_has_sp_cases():
+def test_every_strategy_has_sp_cases():
     covered = {(c["family"], c["strategy"]) for c in sp_cases.RECURRENT}
     for name in shipped_families():
         fam = _registry.FAMILIES[name]
@@ -29,6 +29,8 @@ def test_every_recurrent_strategy_has_sp_cases():
             assert {(name, s) for s in fam.sequence_parallel} <= covered, name
     softmax = {c["strategy"] for c in sp_cases.SOFTMAX}
     assert set(_registry.get_family("attention").sequence_parallel) <= softmax
+    neighborhood = {c["strategy"] for c in sp_cases.SOFTMAX if c["mask"].startswith("neighborhood")}
+    assert set(_registry.get_family("neighborhood_attention").sequence_parallel) <= neighborhood
 
 
 def test_evidence_cells():

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqmix.ops import masks as M
+from seqmix.ops.neighborhood_mask import neighborhood
 
 
 def qkv(seed, b, tq, s, hq, hkv, d, dtype=jnp.float32, dv=None):
@@ -34,6 +35,13 @@ MASKS = {
     # indexed by position: queries sit at S - Tq .. S - 1, so the table needs S rows when Tq < S
     "explicit": lambda t, s: random_block_sparse(max(t, s), s, 16, 0.4),
     "composed": lambda t, s: (M.Causal() & M.SlidingWindow(20, None)) | (M.Sinks(2) & M.Causal()),
+}
+
+# Neighborhood attention on the flattened grid (the family's sequence-parallel cases): 1-D, and 2-D sharded
+# along its first axis (row-major order keeps whole rows on one device).
+NEIGHBORHOOD_MASKS = {
+    "neighborhood_1d": lambda t, s: neighborhood((s,), 7, dilation=2),
+    "neighborhood_2d": lambda t, s: neighborhood((8, s // 8), (3, 4), dilation=(1, 2), is_causal=(True, False)),
 }
 
 

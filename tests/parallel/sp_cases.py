@@ -53,6 +53,10 @@ SOFTMAX = (
         dict(_sm("allgather-p4-striped-streaming-direct", "allgather", 4, "streaming", layout="striped"), direct=True),
         # bf16 in, bf16 out (tolerances of the softmax bf16 kind against the single-device bf16 op)
         _sm("ring-p2-zigzag-causal-bf16", "ring", 2, "causal", layout="zigzag", dtype="bfloat16"),
+        # neighborhood attention (its family's strategies), 1-D and 2-D along the first axis
+        _sm("ring-p4-neighborhood_1d", "ring", 4, "neighborhood_1d", seg=None),
+        _sm("ring-p4-zigzag-neighborhood_2d", "ring", 4, "neighborhood_2d", layout="zigzag", seg=None),
+        _sm("allgather-p4-neighborhood_2d", "allgather", 4, "neighborhood_2d", seg=None),
     ]
 )
 

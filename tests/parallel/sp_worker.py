@@ -36,7 +36,7 @@ import seqmix.parallel as sp  # noqa: E402
 from seqmix import ops  # noqa: E402
 from seqmix.ops._registry import FAMILIES  # noqa: E402
 from seqmix.testing import check_close  # noqa: E402
-from tests.ops.attention_cases import MASKS, packed_segments, qkv  # noqa: E402
+from tests.ops.attention_cases import MASKS, NEIGHBORHOOD_MASKS, packed_segments, qkv  # noqa: E402
 from tests.parallel.sp_cases import SUITES  # noqa: E402
 
 F32 = jnp.float32
@@ -103,7 +103,7 @@ def softmax_case(c):
     q, k, v = rank_code(q), rank_code(k, scale=1.0), rank_code(v)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     sink = jnp.linspace(-1.0, 1.5, hq).astype(dtype) if c["sink"] else None
-    mask = MASKS[c["mask"]](t, t)
+    mask = {**MASKS, **NEIGHBORHOOD_MASKS}[c["mask"]](t, t)
     seg = segments(c)
     kw = dict(mask=mask, segment_ids=seg, soft_cap=c["soft_cap"], return_lse=True)
     kd, kl = jax.random.split(jax.random.PRNGKey(5))
