@@ -184,10 +184,11 @@ def plot(rows, tiles, path: str) -> None:
                    label="non-empty tiles × full")
         ax.set_xticks(np.arange(len(tiles)), labels)
         ax.set_yscale("log")
-        ax.set_title(f"2-D neighborhood attention, {mode} (B=1, H=4, D=64, fp32)")
+        ax.set_title(mode)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("seconds (median)")
     axes[0].legend(fontsize=8)
+    fig.suptitle(f"2-D neighborhood attention, xla on {jax.default_backend()} (B={B}, H={H}, D={D}, fp32)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
