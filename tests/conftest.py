@@ -7,6 +7,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # subprocess workers); they only compile, so sharing libtpu's lockfile is safe.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+from tests import _xla_flags  # noqa: E402
+
+_xla_flags.add(_xla_flags.FAST_COMPILE)  # compile effort only (see tests/_xla_flags.py)
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -108,14 +108,17 @@ def test_every_feature_lowers(meshes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("grid, batch, opts", [((64, 64), 2, dict(kernel_size=7)),
-                                               ((64, 64), 2, dict(kernel_size=13, dilation=2)),
-                                               ((16, 32, 32), 1, dict(kernel_size=(3, 7, 7)))])
-def test_neighborhood_attention_compiles(meshes, grid, batch, opts):
-    """2-D and 3-D neighborhood attention (bf16, 8 heads of 128) forward + backward on v5e."""
+@pytest.mark.parametrize("gen, grid, batch, opts", [("v5e", (64, 64), 2, dict(kernel_size=7)),
+                                                    ("v5e", (64, 64), 2, dict(kernel_size=13, dilation=2)),
+                                                    ("v5e", (16, 32, 32), 1, dict(kernel_size=(3, 7, 7))),
+                                                    ("v5p", (64, 64), 2, dict(kernel_size=7)),
+                                                    ("v6e", (64, 64), 2, dict(kernel_size=7))])
+def test_neighborhood_attention_compiles(meshes, gen, grid, batch, opts):
+    """2-D and 3-D neighborhood attention (bf16, 8 heads of 128) forward + backward: every shape on v5e,
+    2-D kernel 7 on v5p and v6e."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    mesh = meshes("v5e")
+    mesh = meshes(gen)
     x = jax.ShapeDtypeStruct((batch,) + grid + (8, 128), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
 
     def loss(q, k, v):
@@ -123,4 +126,4 @@ def test_neighborhood_attention_compiles(meshes, grid, batch, opts):
 
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile()
-    _check_kernels(compiled, "v5e")
+    _check_kernels(compiled, gen)

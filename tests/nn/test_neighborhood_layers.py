@@ -72,15 +72,25 @@ def test_na_mixer_bad_argument(bad):
         parse_na_arg(bad)
 
 
+@nnx.jit
+def _forward(model, tokens, positions=None, segment_ids=None):
+    return model(tokens, positions=positions, segment_ids=segment_ids)
+
+
+@nnx.jit
+def _decode(model, tokens, caches):
+    return model.decode(tokens, caches)
+
+
 def test_na_mixer_decode_and_packed_documents():
     model = LM(LMConfig(**SMALL, mixers="na:3:2,na:4"), rngs=nnx.Rngs(1))
     tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, 17)
-    ref = model(tokens)
+    ref = _forward(model, tokens)
     caches = model.init_cache(2, 12)
-    first, caches = model.decode(tokens[:, :7], caches)  # a prompt longer than the rings (5 and 4 keys)
+    first, caches = _decode(model, tokens[:, :7], caches)  # a prompt longer than the rings (5 and 4 keys)
     rest = []
     for i in range(7, 12):
-        logits, caches = model.decode(tokens[:, i:i + 1], caches)
+        logits, caches = _decode(model, tokens[:, i:i + 1], caches)
         rest.append(logits)
     assert_close(jnp.concatenate([first] + rest, 1), ref, name="prefill + steps")
 
@@ -88,5 +98,5 @@ def test_na_mixer_decode_and_packed_documents():
     docs = [jax.random.randint(jax.random.key(10 + i), (1, n), 0, 17) for i, n in enumerate(lengths)]
     seg = jnp.concatenate([jnp.full((1, n), i, jnp.int32) for i, n in enumerate(lengths)], 1)
     positions = jnp.concatenate([jnp.arange(n, dtype=jnp.int32) for n in lengths])
-    got = model(jnp.concatenate(docs, 1), positions=positions, segment_ids=seg)
-    assert_close(got, jnp.concatenate([model(d) for d in docs], 1), name="packed vs separate")
+    got = _forward(model, jnp.concatenate(docs, 1), positions, seg)
+    assert_close(got, jnp.concatenate([_forward(model, d) for d in docs], 1), name="packed vs separate")

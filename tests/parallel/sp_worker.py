@@ -14,10 +14,9 @@ import os
 import sys
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-_FLAGS = "--xla_force_host_platform_device_count=8"
-_FAST = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"  # compile time, not numerics
-if _FLAGS not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), _FLAGS, _FAST]).strip()
+from tests import _xla_flags  # noqa: E402
+
+_xla_flags.add("--xla_force_host_platform_device_count=8", _xla_flags.FAST_COMPILE)
 
 import json  # noqa: E402
 import time  # noqa: E402
