@@ -12,6 +12,7 @@ from seqmix import ops
 from seqmix.models import LM, LMConfig
 from seqmix.nn.neighborhood import parse_na_arg
 from seqmix.testing import assert_close
+from tests.models.test_lm import _decode, _forward
 
 SMALL = dict(vocab_size=17, d_model=32, num_heads=4, max_len=32)
 
@@ -70,16 +71,6 @@ def test_na_mixer_argument(arg, want):
 def test_na_mixer_bad_argument(bad):
     with pytest.raises(ValueError, match="na:K or na:K:D"):
         parse_na_arg(bad)
-
-
-@nnx.jit
-def _forward(model, tokens, positions=None, segment_ids=None):
-    return model(tokens, positions=positions, segment_ids=segment_ids)
-
-
-@nnx.jit
-def _decode(model, tokens, caches):
-    return model.decode(tokens, caches)
 
 
 def test_na_mixer_decode_and_packed_documents():
