@@ -73,10 +73,9 @@ class NeighborhoodAttention(nnx.Module):
                             stride=per_dim("stride", stride, self.ndim),
                             is_causal=per_dim("is_causal", is_causal, self.ndim, bool))
         self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
-        self.rope, self.rope_theta, self.impl, self.dtype = bool(rope), float(rope_theta), impl, dtype
-        widths = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
-        self.widths = widths
-        self.qkv = nnx.Linear(dim, sum(widths), use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.rope, self.rope_theta, self.impl = bool(rope), float(rope_theta), impl
+        self.widths = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
+        self.qkv = nnx.Linear(dim, sum(self.widths), use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.proj = nnx.Linear(num_heads * head_dim, dim, use_bias=proj_bias, dtype=dtype, param_dtype=param_dtype,
                                rngs=rngs)
 

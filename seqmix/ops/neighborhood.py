@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from seqmix.ops import _checks, _op_docs, _registry
 from seqmix.ops.attention import attention_flops, prepare_attention
 from seqmix.ops.attention_call import AttentionCall
-from seqmix.ops.neighborhood_mask import Neighborhood, neighborhood
+from seqmix.ops.neighborhood_mask import neighborhood
 
 FAMILY = "neighborhood_attention"
 ATTENTION = "attention"
@@ -38,10 +38,6 @@ class NeighborhoodCall:
 
     attention: AttentionCall  # q [B, T = X·Y·Z, H, D] ...; mask: the Neighborhood
     grid: tuple[int, ...]
-
-    @property
-    def mask(self) -> Neighborhood:
-        return self.attention.mask
 
 
 def prepare_neighborhood(q, k, v, *, kernel_size, dilation=1, stride=1, is_causal=False, scale=None,

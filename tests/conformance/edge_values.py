@@ -100,33 +100,39 @@ def _has(fam, name: str) -> bool:
     return any(a.name == name for a in fam.args)
 
 
+# Softmax cases in order, with the op arguments each needs (neighborhood attention has no mask, sink or
+# soft-cap argument: its mask is built in).
+SOFTMAX_CASES = (("non_finite", ()), ("large_logits", ()), ("length_1", ()), ("bf16_large_q", ()),
+                 ("masked_rows", ("mask",)), ("masked_rows_sinks", ("mask", "sink_logits")),
+                 ("soft_cap_large_logits", ("soft_cap",)))
+
+
+def _softmax_case_names(fam) -> list[str]:
+    return [name for name, needs in SOFTMAX_CASES if all(_has(fam, a) for a in needs)]
+
+
 def attention_cases(fam) -> list[Case]:
-    """The softmax cases; those that need a ``mask``, ``sink_logits`` or ``soft_cap`` argument only for the
-    families that take it (neighborhood attention has its mask built in)."""
     inputs = fam.make_inputs(fam, jax.random.PRNGKey(12), batch=1, seq=T_ATTN, heads=4, dk=8, dv=8)
     q, k, v = inputs.args
     kw = {**inputs.options, "return_lse": True, "block_q": BLOCK, "block_kv": BLOCK}
     if _has(fam, "mask"):
         kw["mask"] = M.Causal()
     one = fam.make_inputs(fam, jax.random.PRNGKey(12), batch=1, seq=1, heads=4, dk=8, dv=8).options
-    cases = [
+    rows = np.tril(np.ones((T_ATTN, T_ATTN), bool))
+    rows[3:7] = False  # four fully masked query rows inside the first block
+    # per head: a sink, no sink (-inf), a sink that swamps every key, one that never matters
+    sinks = jnp.array([2.0, -jnp.inf, 1e4, -1e4])
+    cases = {c.name: c for c in (
         Case("non_finite", (q, k, v), kw, poison=POISONS),
         Case("large_logits", (q * 1e3, k, v), kw),
         Case("length_1", (q[:, :1], k[:, :1], v[:, :1]), {**kw, **one}),
         Case("bf16_large_q", (q.astype(jnp.bfloat16) * jnp.bfloat16(100), k.astype(jnp.bfloat16),
                               v.astype(jnp.bfloat16)), kw, kind="softmax_bf16"),
-    ]
-    if _has(fam, "mask"):
-        rows = np.tril(np.ones((T_ATTN, T_ATTN), bool))
-        rows[3:7] = False  # four fully masked query rows inside the first block
-        cases.append(Case("masked_rows", (q, k, v), {**kw, "mask": M.Explicit(rows)}))
-        if _has(fam, "sink_logits"):
-            # per head: a sink, no sink (-inf), a sink that swamps every key, one that never matters
-            sinks = jnp.array([2.0, -jnp.inf, 1e4, -1e4])
-            cases.append(Case("masked_rows_sinks", (q, k, v), {**kw, "mask": M.Explicit(rows), "sink_logits": sinks}))
-    if _has(fam, "soft_cap"):
-        cases.append(Case("soft_cap_large_logits", (q * 1e4, k, v), {**kw, "soft_cap": 20.0}))
-    return cases
+        Case("masked_rows", (q, k, v), {**kw, "mask": M.Explicit(rows)}),
+        Case("masked_rows_sinks", (q, k, v), {**kw, "mask": M.Explicit(rows), "sink_logits": sinks}),
+        Case("soft_cap_large_logits", (q * 1e4, k, v), {**kw, "soft_cap": 20.0}),
+    )}
+    return [cases[name] for name in _softmax_case_names(fam)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,10 +148,7 @@ def case(fam, name: str) -> Case:
 def case_names(fam) -> list[str]:
     """The names of the family's cases, without building the arrays (for test collection)."""
     if fam.kind == "softmax":
-        return (["non_finite", "large_logits", "length_1", "bf16_large_q"]
-                + (["masked_rows"] + (["masked_rows_sinks"] if _has(fam, "sink_logits") else [])
-                   if _has(fam, "mask") else [])
-                + (["soft_cap_large_logits"] if _has(fam, "soft_cap") else []))
+        return _softmax_case_names(fam)
     return ["non_finite"] + (["hard_gates"] if _gate_names(fam) else []) + ["length_1", "bf16_large_q"]
 
 
