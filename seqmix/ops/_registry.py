@@ -132,6 +132,8 @@ class Family:
     decode: the decode step, ``decode(q_t, k_t, v_t, state, **per-token arguments by the op's names,
       **options) -> (o_t, state)`` (None when decoding goes through a KV cache; ``decode_doc`` says how).
     sequence_parallel: names of the ``seqmix.parallel`` strategies that serve it.
+    sp_functions: strategy name -> the family's own strategy function, for a softmax family that is not
+      ``attention`` with a mask (MoBA's gate needs the gathered keys); the others use the strategy table.
     sp_summary: ``sp_summary(call, run) -> Summary`` for LASP (recurrent families; ``run(call)`` runs
       the op's chosen implementation on a prepared call).
     modules: Flax modules built on the op (``"seqmix.nn.GatedLinearAttention"``).
@@ -155,6 +157,7 @@ class Family:
     decode_doc: str = ""
     sequence_parallel: tuple[str, ...] = ()
     sp_summary: Callable | None = None
+    sp_functions: dict[str, Callable] = dataclasses.field(default_factory=dict)
     modules: tuple[str, ...] = ()
     mixers: dict[str, str] = dataclasses.field(default_factory=dict)
     make_inputs: Callable | None = None

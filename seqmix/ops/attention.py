@@ -39,15 +39,23 @@ __all__ = ["AttentionCall", "KVCache", "attention", "attention_decode", "attenti
 
 def attention_reference(call: AttentionCall):
     """Materialized fp32 softmax (HIGHEST precision): the spec every other implementation meets."""
+    ok = block_meta.full_allowed(call.mask, call.q_pos, call.kv_pos, call.q_rel, call.kv_rel,
+                                call.q_seg, call.kv_seg)
+    return masked_softmax_reference(call, ok[:, None, None])
+
+
+def masked_softmax_reference(call: AttentionCall, ok):
+    """The reference softmax of ``call`` over the pairs ``ok`` allows (the call's mask is not read).
+
+    ok: bool broadcastable to ``[B, Hkv, G, Tq, S]`` (G = Hq / Hkv query heads per kv head), e.g. a
+    ``[B, 1, 1, Tq, S]`` mask or a per-head selection (MoBA)."""
     b, tq, hq, d = call.q.shape
     hkv, g = call.k.shape[2], call.groups
     q = call.q.astype(jnp.float32).reshape(b, tq, hkv, g, d)
     s = jnp.einsum("bthgd,bshd->bhgts", q, call.k.astype(jnp.float32), precision=HIGHEST) * call.scale
     if call.soft_cap is not None:
         s = call.soft_cap * jnp.tanh(s / call.soft_cap)
-    ok = block_meta.full_allowed(call.mask, call.q_pos, call.kv_pos, call.q_rel, call.kv_rel,
-                                call.q_seg, call.kv_seg)
-    ok = jnp.broadcast_to(ok[:, None, None], s.shape)
+    ok = jnp.broadcast_to(ok, s.shape)
     s = jnp.where(ok, s, -jnp.inf)
     m = jnp.max(s, -1)
     if call.sink_logits is not None:

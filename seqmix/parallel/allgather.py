@@ -61,3 +61,32 @@ def allgather_attention(q, k, v, *, axis_name, mask=None, q_positions=None, kv_p
     return attention(q, kg, vg, mask=mask, segment_ids=seg, scale=scale, sink_logits=sink_logits,
                      soft_cap=soft_cap, return_lse=return_lse, q_positions=q_pos, kv_positions=kv_pos_g,
                      relative_positions=rel, impl=impl)
+
+
+def allgather_moba(q, k, v, *, axis_name, block_size, topk, segment_ids=None, scale=None, impl=None,
+                   return_lse=False, block_q=128, block_kv=128):
+    """All-gather-KV :func:`seqmix.ops.moba` over ``axis_name`` (contiguous shards, no layout permutation).
+
+    q ``[B, n, Hq, D]``, k/v ``[B, n, Hkv, ·]``, segment_ids ``[B, n]``: the local shard of a sequence
+    split into contiguous pieces in axis order. The gate needs every key's block mean, so each device
+    gathers all of K/V (one all-gather of k‖v, one of the segment ids) and runs MoBA for its queries
+    (``q_offset = axis_index · n``); the backward reduce-scatters dk, dv."""
+    from seqmix.ops.moba import moba
+
+    name = "allgather_moba"
+    _common.check_qkv(name, q, k, v)
+    b, n = q.shape[:2]
+    gather_seq = lambda x: jax.lax.all_gather(x, axis_name, axis=1, tiled=True)  # noqa: E731
+    dk = k.shape[-1]
+    kvg = gather_seq(jnp.concatenate([k, v], axis=-1))
+    kg, vg = kvg[..., :dk], kvg[..., dk:]
+    offset = jax.lax.axis_index(axis_name).astype(jnp.int32) * n
+    kw = dict(block_size=block_size, topk=topk, scale=scale, impl=impl, return_lse=return_lse,
+              q_offset=offset, block_q=block_q, block_kv=block_kv)
+    if segment_ids is None:
+        return moba(q, kg, vg, **kw)
+    q_seg, _ = _common.split_segments(segment_ids, b, n, n, name)
+    kv_seg = gather_seq(q_seg)
+    kv_rel = masks_lib.segment_relative(jnp.arange(kg.shape[1], dtype=jnp.int32), kv_seg)
+    q_rel = jax.lax.dynamic_slice_in_dim(kv_rel, offset, n, axis=1)
+    return moba(q, kg, vg, segment_ids=(q_seg, kv_seg), relative_positions=(q_rel, kv_rel), **kw)

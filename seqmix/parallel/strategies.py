@@ -34,6 +34,8 @@ def for_family(family: str, strategy: str) -> Callable:
     if strategy not in fam.sequence_parallel:
         raise ValueError(f"family {family!r} is served by strategies {list(fam.sequence_parallel)}; "
                          f"got {strategy!r}")
+    if strategy in fam.sp_functions:
+        return fam.sp_functions[strategy]
     if fam.kind == "softmax":
         return SOFTMAX_STRATEGIES[strategy]
     fn = functools.partial(RECURRENT_STRATEGIES[strategy], family)
