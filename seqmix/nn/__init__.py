@@ -12,6 +12,7 @@ from seqmix.nn.gla import GatedLinearAttention, SimpleGLA
 from seqmix.nn.linear_attention import LinearAttention, hedgehog_distillation_loss
 from seqmix.nn.mixer import MixerDims, build_mixer, register_mixer, registered_mixers
 from seqmix.nn.mlp import SwiGLU
+from seqmix.nn.moba import MoBAAttention
 from seqmix.nn.neighborhood import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 from seqmix.nn.norm import RMSNorm
 from seqmix.nn.recurrent_cache import RecurrentCache
@@ -21,7 +22,7 @@ from seqmix.nn.short_conv import QKVConvs, ShortConv
 
 __all__ = [
     "Attention", "AttentionCache", "Based", "BasedCache", "Block", "DeltaNet", "GatedDeltaNet", "GatedLinearAttention",
-    "HedgehogFeatureMap", "LinearAttention", "MixerDims", "NeighborhoodAttention1D",
+    "HedgehogFeatureMap", "LinearAttention", "MixerDims", "MoBAAttention", "NeighborhoodAttention1D",
     "NeighborhoodAttention2D", "NeighborhoodAttention3D", "RMSNorm", "RecurrentCache", "QKVConvs", "Retention", "ShortConv",
     "SimpleGLA", "SwiGLU", "apply_rope", "attention_distillation_loss", "build_mixer", "hedgehog_distillation_loss",
     "register_mixer", "registered_mixers", "rope_frequencies",

@@ -174,13 +174,15 @@ class Attention(nnx.Module):
                              f"{positions.dtype}{list(positions.shape)}")
         positions = positions.astype(jnp.int32)
         q, k, v, _ = self._project(x, positions, segment_ids)
+        return self._out(self._attend(q, k, v, positions, segment_ids))
+
+    def _attend(self, q, k, v, positions, segment_ids):
+        """The op on projected q ``[B, T, Hq, D]``, k, v ``[B, T, Hkv, D]`` -> o ``[B, T, Hq, D]``."""
         if self.sequence_parallel is not None:
-            o = self.sequence_parallel.attention(q, k, v, positions=positions, segment_ids=segment_ids,
-                                                 **self._op_kwargs())
-        else:
-            o = ops.attention(q, k, v, segment_ids=segment_ids, q_positions=positions, kv_positions=positions,
-                              **self._op_kwargs())
-        return self._out(o)
+            return self.sequence_parallel.attention(q, k, v, positions=positions, segment_ids=segment_ids,
+                                                    **self._op_kwargs())
+        return ops.attention(q, k, v, segment_ids=segment_ids, q_positions=positions, kv_positions=positions,
+                             **self._op_kwargs())
 
     # ------------------------------------------------------------------ decoding
 
@@ -189,12 +191,21 @@ class Attention(nnx.Module):
         (``ops.cache_size_for``: a ring of the window plus sink slots, or ``max_len`` slots); with short
         convs, an :class:`AttentionCache` that also holds their last inputs."""
         batch, max_len = _positive_int("batch", batch), _positive_int("max_len", max_len)
-        ring, n_sink = ops.cache_size_for(self.mask, max_len)
         dtype = self.dtype if dtype is None else dtype
-        kv = ops.init_kv_cache(batch, self.num_kv_heads, self.head_dim, ring=ring, n_sink=n_sink, dtype=dtype)
+        kv = self._init_kv(batch, max_len, dtype)
         if self.qkv_conv is None:
             return kv
         return AttentionCache(kv=kv, conv=self.qkv_conv.init_cache(batch, dtype))
+
+    _kv_type = ops.KVCache  # what _init_kv returns
+
+    def _init_kv(self, batch: int, max_len: int, dtype):
+        ring, n_sink = ops.cache_size_for(self.mask, max_len)
+        return ops.init_kv_cache(batch, self.num_kv_heads, self.head_dim, ring=ring, n_sink=n_sink, dtype=dtype)
+
+    def _attend_decode(self, q, k, v, kv, segment_ids):
+        """The decode step on projected new tokens: ``(o [B, T_new, Hq, D], kv)``."""
+        return ops.attention_decode(q, k, v, kv, segment_ids=segment_ids, **self._op_kwargs())
 
     def decode(self, x, cache, *, segment_ids=None):
         """Append ``T_new`` tokens ``x [B, T_new, d_model]`` to ``cache`` (from :meth:`init_cache`) and return
@@ -202,14 +213,14 @@ class Attention(nnx.Module):
         RoPE positions are text positions ``cache.next_pos + arange(T_new)``; ``segment_ids [B, T_new]``
         (None = segment 0)."""
         x = self._check_x(x)
-        expected = ops.KVCache if self.qkv_conv is None else AttentionCache
+        expected = self._kv_type if self.qkv_conv is None else AttentionCache
         if not isinstance(cache, expected):
             raise ValueError(f"Attention.decode: cache must be a {expected.__name__} (from init_cache); "
                              f"got {type(cache).__name__}")
         kv, conv = (cache, None) if self.qkv_conv is None else (cache.kv, cache.conv)
         positions = kv.next_pos + jnp.arange(x.shape[1], dtype=jnp.int32)
         q, k, v, conv = self._project(x, positions, segment_ids, conv)
-        o, kv = ops.attention_decode(q, k, v, kv, segment_ids=segment_ids, **self._op_kwargs())
+        o, kv = self._attend_decode(q, k, v, kv, segment_ids)
         return self._out(o), (kv if conv is None else AttentionCache(kv=kv, conv=conv))
 
 

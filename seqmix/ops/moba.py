@@ -165,6 +165,11 @@ class MoBACache:
     block_sums: Array
     block_size: int
 
+    @property
+    def next_pos(self):
+        """The position of the next token."""
+        return self.kv.next_pos
+
 
 def init_moba_cache(batch: int, kv_heads: int, head_dim: int, *, max_len: int, block_size: int,
                     v_head_dim: int | None = None, dtype=jnp.float32) -> MoBACache:
