@@ -19,6 +19,7 @@ from flax import nnx
 
 from seqmix import ops
 from seqmix.ops import masks as masks_lib
+from seqmix.ops.per_head import split_heads
 from seqmix.nn.mixer import int_arg, no_arg, register_mixer
 from seqmix.nn.norm import RMSNorm
 from seqmix.nn.rope import apply_rope
@@ -61,7 +62,9 @@ class Attention(nnx.Module):
       num_heads: query heads ``Hq``.
       num_kv_heads: key/value heads ``Hkv`` (divides ``Hq``); default ``Hq`` (MHA), 1 = MQA.
       head_dim: per-head width ``D``; default ``d_model // num_heads``.
-      mask: a ``seqmix.ops.masks.Mask``; default ``Causal()``.
+      mask: a ``seqmix.ops.masks.Mask``; default ``Causal()``. Or a ``masks.PerHead`` (one mask per kv
+        head, e.g. ``masks.duo_attention``): each group of heads runs as its own call and its decode
+        cache is sized for its own mask (``ops.attention_per_head``).
       rope: apply rotary embeddings to q and k (``rope_theta`` base).
       qk_norm: RMSNorm over ``D`` on q and k (before RoPE).
       sink_logits: learn a per-head sink logit ``b_h`` (``[Hq]``, zeros init) that joins the softmax
@@ -98,8 +101,12 @@ class Attention(nnx.Module):
         if rope and head_dim % 2:
             raise ValueError(f"Attention: RoPE needs an even head_dim; got head_dim={head_dim}")
         mask = masks_lib.Causal() if mask is None else mask
-        if not isinstance(mask, masks_lib.Mask):
-            raise ValueError(f"Attention: mask must be a seqmix.ops.masks.Mask or None; got {type(mask).__name__}")
+        if not isinstance(mask, (masks_lib.Mask, masks_lib.PerHead)):
+            raise ValueError(f"Attention: mask must be a seqmix.ops.masks.Mask, a PerHead or None; got "
+                             f"{type(mask).__name__}")
+        if isinstance(mask, masks_lib.PerHead) and len(mask.index) != num_kv_heads:
+            raise ValueError(f"Attention: the PerHead mask names {len(mask.index)} kv heads; the layer has "
+                             f"num_kv_heads={num_kv_heads}")
         if soft_cap is not None and (isinstance(soft_cap, bool) or not isinstance(soft_cap, (int, float)) or soft_cap <= 0):
             raise ValueError(f"Attention: soft_cap must be a positive number or None; got {soft_cap!r}")
         if not rope_theta > 0:
@@ -110,6 +117,8 @@ class Attention(nnx.Module):
         self.soft_cap = None if soft_cap is None else float(soft_cap)
         self.dtype, self.impl = dtype, impl
         self.sequence_parallel = _check_sp(sequence_parallel, "Attention")
+        if isinstance(mask, masks_lib.PerHead):
+            self._kv_type = ops.PerHeadCache
         kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = nnx.Linear(d_model, num_heads * head_dim, **kw)
         self.k_proj = nnx.Linear(d_model, num_kv_heads * head_dim, **kw)
@@ -178,11 +187,17 @@ class Attention(nnx.Module):
 
     def _attend(self, q, k, v, positions, segment_ids):
         """The op on projected q ``[B, T, Hq, D]``, k, v ``[B, T, Hkv, D]`` -> o ``[B, T, Hq, D]``."""
+        kw = self._op_kwargs()
+        if isinstance(self.mask, masks_lib.PerHead):  # each group of heads is a call with its own mask
+            per_head, sink = kw.pop("mask"), kw.pop("sink_logits")
+            return split_heads(per_head, q, k, v, sink, lambda q, k, v, mask, sink: self._attend_one(
+                q, k, v, positions, segment_ids, **kw, mask=mask, sink_logits=sink))
+        return self._attend_one(q, k, v, positions, segment_ids, **kw)
+
+    def _attend_one(self, q, k, v, positions, segment_ids, **kw):
         if self.sequence_parallel is not None:
-            return self.sequence_parallel.attention(q, k, v, positions=positions, segment_ids=segment_ids,
-                                                    **self._op_kwargs())
-        return ops.attention(q, k, v, segment_ids=segment_ids, q_positions=positions, kv_positions=positions,
-                             **self._op_kwargs())
+            return self.sequence_parallel.attention(q, k, v, positions=positions, segment_ids=segment_ids, **kw)
+        return ops.attention(q, k, v, segment_ids=segment_ids, q_positions=positions, kv_positions=positions, **kw)
 
     # ------------------------------------------------------------------ decoding
 
@@ -200,12 +215,17 @@ class Attention(nnx.Module):
     _kv_type = ops.KVCache  # what _init_kv returns
 
     def _init_kv(self, batch: int, max_len: int, dtype):
+        if isinstance(self.mask, masks_lib.PerHead):
+            return ops.init_per_head_cache(batch, self.mask, self.head_dim, max_len=max_len, dtype=dtype)
         ring, n_sink = ops.cache_size_for(self.mask, max_len)
         return ops.init_kv_cache(batch, self.num_kv_heads, self.head_dim, ring=ring, n_sink=n_sink, dtype=dtype)
 
     def _attend_decode(self, q, k, v, kv, segment_ids):
         """The decode step on projected new tokens: ``(o [B, T_new, Hq, D], kv)``."""
-        return ops.attention_decode(q, k, v, kv, segment_ids=segment_ids, **self._op_kwargs())
+        kw = self._op_kwargs()
+        if isinstance(self.mask, masks_lib.PerHead):
+            return ops.attention_decode_per_head(q, k, v, kv, masks=kw.pop("mask"), segment_ids=segment_ids, **kw)
+        return ops.attention_decode(q, k, v, kv, segment_ids=segment_ids, **kw)
 
     def decode(self, x, cache, *, segment_ids=None):
         """Append ``T_new`` tokens ``x [B, T_new, d_model]`` to ``cache`` (from :meth:`init_cache`) and return
@@ -237,8 +257,33 @@ def _attention_mixer(make_mask):
 register_mixer("attn", _attention_mixer(lambda arg: masks_lib.Causal()), check_arg=no_arg,
                doc="causal softmax attention")
 register_mixer("swa", _attention_mixer(lambda arg: masks_lib.LocalWindow(int(arg))), check_arg=int_arg,
-               doc="sliding-window softmax attention over the last W keys (swa:W)")
+               doc="sliding-window softmax attention over the last W keys (swa:W)", example="8")
 register_mixer("chunk", _attention_mixer(lambda arg: masks_lib.ChunkedCausal(int(arg))), check_arg=int_arg,
-               doc="chunked causal softmax attention, chunks of C tokens (chunk:C)")
+               doc="chunked causal softmax attention, chunks of C tokens (chunk:C)", example="8")
+register_mixer("power", _attention_mixer(lambda arg: masks_lib.PowerAttention(int(arg))), check_arg=int_arg,
+               doc="PowerAttention: causal blocks of B tokens at power-of-two block distances, own block, first block "
+                   "(power:B)", example="8")
+def parse_duo_arg(arg: str | None) -> tuple[int, int]:
+    """``"W:R"`` -> (streaming window, retrieval kv heads); ValueError otherwise."""
+    parts = [] if arg is None else arg.split(":")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) < 1:
+        raise ValueError(f"mixer 'duo' needs a window >= 1 and a number of retrieval kv heads (duo:W:R); got "
+                         f"{'duo' if arg is None else f'duo:{arg}'}")
+    return int(parts[0]), int(parts[1])
+
+
+def _duo_mixer(dims, arg, *, rngs: nnx.Rngs, sequence_parallel=None) -> Attention:
+    window, n_retrieval = parse_duo_arg(arg)
+    hkv = dims.num_kv_heads or dims.num_heads
+    if n_retrieval > hkv:
+        raise ValueError(f"mixer duo:{arg}: {n_retrieval} retrieval heads but the layer has {hkv} kv heads")
+    mask = masks_lib.duo_attention([h < n_retrieval for h in range(hkv)], window=window)
+    return Attention(dims.d_model, dims.num_heads, num_kv_heads=dims.num_kv_heads, mask=mask, rope=True,
+                     rope_theta=dims.rope_theta, **dims.layer_kwargs(sequence_parallel), rngs=rngs)
+
+
+register_mixer("duo", _duo_mixer, check_arg=lambda name, arg: parse_duo_arg(arg),
+               doc="DuoAttention: the first R kv heads causal over everything (retrieval), the rest a window of W "
+                   "keys plus 4 sinks (streaming); full KV cache for retrieval heads only (duo:W:R)", example="8:1")
 register_mixer("stream", _attention_mixer(lambda arg: masks_lib.streaming(int(arg), 4)), check_arg=int_arg,
-               doc="StreamingLLM: window of W keys plus the first 4 tokens (stream:W)")
+               doc="StreamingLLM: window of W keys plus the first 4 tokens (stream:W)", example="8")

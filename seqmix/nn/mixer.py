@@ -52,13 +52,15 @@ class MixerDims:
 
 @dataclasses.dataclass(frozen=True)
 class MixerEntry:
-    """A registered mixer: its factory, its argument check, a one-line description, its module."""
+    """A registered mixer: its factory, its argument check, a one-line description, its module, and an
+    argument that builds a small layer (``None``: it builds without one; tests build every mixer so)."""
 
     name: str
     factory: Factory
     check_arg: ArgCheck
     doc: str = ""
     module: str = ""
+    example: str | None = None
 
 
 MIXERS: dict[str, MixerEntry] = {}
@@ -83,18 +85,20 @@ def optional_int_arg(name: str, arg: str | None) -> None:
 
 
 def register_mixer(name: str, factory: Factory, *, check_arg: ArgCheck | None = None, doc: str = "",
-                   replace: bool = False) -> None:
+                   example: str | None = None, replace: bool = False) -> None:
     """Register ``factory(dims, arg, *, rngs, sequence_parallel=None) -> module`` under ``name``.
 
     ``check_arg(name, arg)`` raises ValueError for a bad ``:arg`` (default: any arg accepted); it runs
-    when a spec is parsed, so a bad config fails before any module is built.
+    when a spec is parsed, so a bad config fails before any module is built. ``example``: an argument
+    ``check_arg`` accepts (required when it rejects none), e.g. ``"8"`` for ``swa:8``.
     """
     if not isinstance(name, str) or not name.strip() or any(c in name for c in ",:* \t\n"):
         raise ValueError(f"mixer name must be a non-empty string without ',', ':', '*' or spaces; got {name!r}")
     if name in MIXERS and not replace:
         raise ValueError(f"mixer {name!r} is already registered (pass replace=True to override)")
-    MIXERS[name] = MixerEntry(name, factory, check_arg or (lambda n, a: None), doc,
-                              getattr(factory, "__module__", ""))
+    check_arg = check_arg or (lambda n, a: None)
+    check_arg(name, example)  # the example must pass the check (None for argument-free mixers)
+    MIXERS[name] = MixerEntry(name, factory, check_arg, doc, getattr(factory, "__module__", ""), example)
 
 
 def _declared() -> dict[str, str]:

@@ -5,7 +5,8 @@ Same projections, GQA, qk-norm, RoPE and short convs as ``Attention``; the op is
 (causal; packed documents by ``segment_ids``). ``full_attention=True`` makes the layer plain causal
 attention (MoBA's recipe keeps the last layers full), with the same parameters, so a checkpoint can
 switch per layer. Decoding: ``init_cache`` gives an ``ops.MoBACache`` (every key plus the running block
-sums); one document per row.
+sums); one document per row. ``sequence_parallel``: all-gather KV on contiguous shards (the strategy
+MoBA's family record names; another strategy or a layout is a ValueError when the layer is built).
 """
 
 from __future__ import annotations
@@ -36,15 +37,17 @@ class MoBAAttention(Attention):
         self.topk = _positive_int("topk", topk)
         self.full_attention = bool(full_attention)
         if self.sequence_parallel is not None and not self.full_attention:
-            raise ValueError("MoBAAttention: the layer does not run sequence-parallel yet; use "
-                             "seqmix.parallel.allgather_moba inside shard_map, or full_attention=True")
+            self.sequence_parallel.check_family("moba")
         if not self.full_attention:
             self._kv_type = ops.MoBACache
 
     def _attend(self, q, k, v, positions, segment_ids):
         if self.full_attention:
             return super()._attend(q, k, v, positions, segment_ids)
-        return ops.moba(q, k, v, block_size=self.block_size, topk=self.topk, segment_ids=segment_ids, impl=self.impl)
+        kw = dict(block_size=self.block_size, topk=self.topk, segment_ids=segment_ids, impl=self.impl)
+        if self.sequence_parallel is not None:  # positions are arange(T): MoBA's blocks are text positions
+            return self.sequence_parallel.family_op("moba", q, k, v, **kw)
+        return ops.moba(q, k, v, **kw)
 
     def _init_kv(self, batch: int, max_len: int, dtype):
         if self.full_attention:
@@ -78,4 +81,5 @@ def _moba_mixer(dims, arg, *, rngs: nnx.Rngs, sequence_parallel=None) -> MoBAAtt
 
 
 register_mixer("moba", _moba_mixer, check_arg=lambda name, arg: parse_moba_arg(arg),
-               doc="MoBA: causal attention over the own block and the top K − 1 gated blocks of B keys (moba:B:K)")
+               doc="MoBA: causal attention over the own block and the top K − 1 gated blocks of B keys (moba:B:K)",
+               example="8:2")

@@ -150,4 +150,5 @@ def _na_mixer(dims, arg, *, rngs: nnx.Rngs, sequence_parallel=None) -> Attention
 
 
 register_mixer("na", _na_mixer, check_arg=lambda name, arg: parse_na_arg(arg),
-               doc="causal 1-D neighborhood attention: the last K keys spaced D apart (na:K or na:K:D)")
+               doc="causal 1-D neighborhood attention: the last K keys spaced D apart (na:K or na:K:D)",
+               example="8")

@@ -157,8 +157,8 @@ DOC = _op_docs.compose(
           "``h // (Hq // Hkv)``, K/V are never repeated).",
      "v": "``[B, S, Hkv, Dv]`` values.",
      "mask": "a ``seqmix.ops.masks`` mask: ``Causal()``, ``SlidingWindow(left, right)``, ``LocalWindow(w)``, "
-             "``ChunkedCausal(c)``, ``Sinks(n)``, ``streaming(w, n)``, ``PrefixLM(p)``, ``Explicit(bool "
-             "[Tq, S])``, combined with ``&`` and ``|``; None = full attention.",
+             "``ChunkedCausal(c)``, ``Sinks(n)``, ``streaming(w, n)``, ``PrefixLM(p)``, ``PowerAttention(block)``, "
+             "``Explicit(bool [Tq, S])``, combined with ``&`` and ``|``; None = full attention.",
      "segment_ids": "int ``[B, T]`` (self-attention) or a pair ``(q_ids [B, Tq], kv_ids [B, S])``: packed "
                     "documents attend only within themselves; masks see positions inside each document.",
      "scale": "logit scale; default ``D ** -0.5``.",
@@ -206,9 +206,10 @@ attention = _registry.define_family(
     args=(_registry.ArgSpec("mask", "option"),
           _registry.ArgSpec("sink_logits", "per_head", ("H",), gate=None),
           _registry.ArgSpec("soft_cap", "option")),
-    decode_doc="KV cache (full, window ring, sinks + window): attention_decode",
+    decode_doc="KV cache (full, window ring, sinks + window): attention_decode; a cache per head group "
+               "(PerHead masks: attention_decode_per_head)",
     sequence_parallel=("ring", "ulysses", "allgather"),
     modules=("seqmix.nn.Attention",),
     mixers={"attn": "seqmix.nn.attention", "swa": "seqmix.nn.attention", "chunk": "seqmix.nn.attention",
-            "stream": "seqmix.nn.attention"},
+            "stream": "seqmix.nn.attention", "power": "seqmix.nn.attention", "duo": "seqmix.nn.attention"},
     make_inputs=attention_inputs, flops=attention_flops)

@@ -340,3 +340,6 @@ def jax_cummax(x: Array) -> Array:
     import jax
 
     return jax.lax.cummax(x, axis=x.ndim - 1)
+
+
+from seqmix.ops.sparse_masks import PerHead, PowerAttention, duo_attention  # noqa: E402,F401  (needs Mask)

@@ -17,12 +17,15 @@ Semantics (FAMILIES.md §2.3), causal only:
    when fewer exist; ties go to the lower block). ``topk = 1`` is the own block only: never a silent
    switch to full attention (fla's ``parallel_moba`` does that).
 4. Softmax over the attended keys; gradients flow through them only.
+5. A query whose gate meets a NaN score (a NaN among its past blocks' keys, or in itself) gets a NaN
+   row: its choice would be an artifact of how the sort orders NaN.
 
 Implementations: ``reference`` (the materialized softmax over the selection, here) and ``xla``
 (:mod:`seqmix.ops.moba_xla`: one flash pass over per-query-tile lists of the key tiles any query of
 the tile selected, so unselected tiles are never read). Decoding: :func:`moba_decode` with a
 :class:`MoBACache` (every key, plus a running sum per block: a block joins the gate's pool once it is
-complete). Sequence parallelism: :func:`moba_allgather` (all-gather KV).
+complete). Sequence parallelism: :func:`seqmix.parallel.allgather.allgather_moba` (all-gather KV;
+the layer runs it through ``SequenceParallel.family_op``).
 """
 
 from __future__ import annotations
@@ -99,16 +102,31 @@ def top_blocks(scores, n_past, topk: int):
 
     scores: fp32 ``[..., Tq, C]`` (candidate ``c`` is the query's ``c``-th block of its document);
     n_past: int ``[..., Tq]`` broadcastable, the number of past blocks (candidates ``c < n_past`` only).
-    Returns int32 ``[..., Tq, min(topk − 1, C)]``: chosen blocks, best first (ties: lower block), ``-1``
-    where fewer past blocks exist."""
+    Returns ``(chosen, unrankable)``: int32 ``[..., Tq, min(topk − 1, C)]``, the chosen blocks, best
+    first (ties: lower block), ``-1`` where fewer past blocks exist; and bool ``[..., Tq]``, queries
+    whose candidates include a NaN score (a NaN key or query): no choice is right for them, so the
+    caller makes their rows NaN instead of letting the sort's NaN order pick blocks silently."""
     c = scores.shape[-1]
     n = min(topk - 1, c)
     if n <= 0:
-        return jnp.zeros(scores.shape[:-1] + (0,), jnp.int32)
+        return jnp.zeros(scores.shape[:-1] + (0,), jnp.int32), jnp.zeros(scores.shape[:-1], bool)
     n_past = jnp.asarray(n_past)[..., None]
     valid = jnp.arange(c, dtype=jnp.int32) < n_past
-    _, idx = jax.lax.top_k(jnp.where(valid, jax.lax.stop_gradient(scores), -jnp.inf), n)  # ties: lower index
-    return jnp.where(jnp.arange(n, dtype=jnp.int32) < n_past, idx.astype(jnp.int32), -1)
+    scores = jax.lax.stop_gradient(scores)
+    unrankable = jnp.any(valid & jnp.isnan(scores), -1)
+    _, idx = jax.lax.top_k(jnp.where(valid & ~jnp.isnan(scores), scores, -jnp.inf), n)  # ties: lower index
+    return jnp.where(jnp.arange(n, dtype=jnp.int32) < n_past, idx.astype(jnp.int32), -1), unrankable
+
+
+def poison_rows(call: AttentionCall, out, unrankable):
+    """``out`` (``o [B, Tq, Hq, Dv]`` or ``(o, lse [B, Hq, Tq])``) with NaN in the rows of the queries the
+    gate could not rank; unrankable: bool ``[B, Hkv, G, Tq]``."""
+    b, tq, hq, _ = call.q.shape
+    rows = unrankable.reshape(b, hq, tq)
+    if isinstance(out, tuple):
+        o, lse = out
+        return jnp.where(rows.transpose(0, 2, 1)[..., None], jnp.nan, o).astype(o.dtype), jnp.where(rows, jnp.nan, lse)
+    return jnp.where(rows.transpose(0, 2, 1)[..., None], jnp.nan, out).astype(out.dtype)
 
 
 def selection_mask(chosen, q_blk, kv_blk):
@@ -138,18 +156,18 @@ def moba_reference(call: MoBACall):
     same = kv_blk[:, :, None] == kv_blk[:, None, :]
     if a.kv_seg is not None:
         same = same & (a.kv_seg[:, :, None] == a.kv_seg[:, None, :])
-    kf = a.k.astype(jnp.float32)
-    k_mean = jnp.einsum("bjl,blhd->bjhd", same.astype(jnp.float32), kf, precision=HIGHEST)
+    kf = a.k.astype(jnp.float32)  # a sum under a mask, not a 0/1 matmul: 0 · inf would spread to every block
+    k_mean = jnp.where(same[..., None, None], kf[:, None], 0.0).sum(2)
     k_mean = k_mean / same.sum(-1).astype(jnp.float32)[:, :, None, None]  # [B, S, Hkv, D]: mean of j's block
     nb = -(-s // bs)
     first = jnp.clip((a.q_pos - a.q_rel)[..., None] + bs * jnp.arange(nb), 0, s - 1)  # [B|1, Tq, C]
     first = jnp.broadcast_to(first, (a.k.shape[0],) + first.shape[1:])
     cand = jax.vmap(lambda m, i: m[i])(k_mean, first)  # [B, Tq, C, Hkv, D]
     scores = jnp.einsum("bthgd,btchd->bhgtc", _grouped(a), cand, precision=HIGHEST)
-    chosen = top_blocks(scores, q_blk[:, None, None], call.topk)
+    chosen, unrankable = top_blocks(scores, q_blk[:, None, None], call.topk)
     sel = selection_mask(chosen, q_blk[:, None, None], kv_blk[:, None, None])
     ok = block_meta.full_allowed(a.mask, a.q_pos, a.kv_pos, a.q_rel, a.kv_rel, a.q_seg, a.kv_seg)
-    return masked_softmax_reference(a, ok[:, None, None] & sel)
+    return poison_rows(a, masked_softmax_reference(a, ok[:, None, None] & sel), unrankable)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -189,10 +207,10 @@ def moba_decode(q, k, v, cache: MoBACache, *, topk: int, scale=None):
     sums = cache.block_sums.at[:, pos // bs].add(k.astype(jnp.float32), mode="drop")
     call = prepare_attention(q, kv.k, kv.v, scale=scale, q_positions=pos, kv_positions=kv.pos)
     scores = jnp.einsum("bthgd,bchd->bhgtc", _grouped(call), sums / bs, precision=HIGHEST)
-    chosen = top_blocks(scores, pos // bs, topk)  # blocks before the query's own are complete
+    chosen, unrankable = top_blocks(scores, pos // bs, topk)  # blocks before the query's own are complete
     kv_blk = jnp.where(kv.pos >= 0, kv.pos // bs, -2)
     ok = (kv.pos >= 0) & (kv.pos <= pos[:, None]) & selection_mask(chosen, pos // bs, kv_blk)
-    o = masked_softmax_reference(call, ok)
+    o = poison_rows(call, masked_softmax_reference(call, ok), unrankable)
     if overflow is not None:  # under jit: NaN rows, never a silently wrong output
         o = jnp.where(overflow, jnp.nan, o).astype(o.dtype)
     return o, MoBACache(kv, sums, bs)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from seqmix.ops.attention_call import finish
 from seqmix.ops.attention_xla import _zero_cotangent
 from seqmix.ops.block_meta import pad_to
-from seqmix.ops.moba import MoBACall, top_blocks
+from seqmix.ops.moba import MoBACall, poison_rows, top_blocks
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -51,7 +51,8 @@ def _metadata(call: MoBACall):
 
     Returns a dict: q_pos ``[nt, bq]`` (-1 = padding), q_seg / q_blk ``[B, nt, bq]``, chosen
     ``[B, Hkv, G, nt, bq, K]``, k_seg / k_blk ``[B, nu, bk]``, order ``[B, Hkv, G, nt, nu]`` (key
-    tiles, listed ones first, ascending) and count ``[B, Hkv, G, nt]``."""
+    tiles, listed ones first, ascending), count ``[B, Hkv, G, nt]`` and unrankable ``[B, Hkv, G, Tq]``
+    (see :func:`seqmix.ops.moba.top_blocks`)."""
     a, bs = call.attention, call.block_size
     b, tq, hq, d = a.q.shape
     s, hkv = a.k.shape[1], a.k.shape[2]
@@ -86,7 +87,7 @@ def _metadata(call: MoBACall):
     shift = _tiles(q_first, 1, bq) - start[:, :, None]  # [B, nt, bq]; valid candidates stay inside W
     cand = jnp.clip(shift[..., None] + jnp.arange(nb), 0, w - 1)  # [B, nt, bq, nb]
     scores = jnp.take_along_axis(scores, cand[:, None, None], axis=-1)
-    chosen = top_blocks(scores, _tiles(q_blk, 1, bq)[:, None, None], call.topk)  # [B, Hkv, G, nt, bq, K]
+    chosen, unrankable = top_blocks(scores, _tiles(q_blk, 1, bq)[:, None, None], call.topk)  # [B, Hkv, G, nt, bq, K]
 
     # 3. key-tile lists: a difference array over each query's tile ranges (own block, chosen blocks)
     doc0 = _tiles(pad_to(a.q_pos[None] - q_rel, 1, tp, 0), 1, bq)[:, None, None]  # document start
@@ -108,7 +109,7 @@ def _metadata(call: MoBACall):
     k_blk = _tiles(pad_to(kv_rel // bs, 1, sp, -1), 1, bk)
     return {"q_pos": _tiles(q_pos, 0, bq), "q_seg": _tiles(pad_to(q_seg, 1, tp, -2), 1, bq),
             "q_blk": _tiles(q_blk, 1, bq), "chosen": chosen, "k_seg": k_seg, "k_blk": k_blk,
-            "order": order, "count": listed.sum(-1)}
+            "order": order, "count": listed.sum(-1), "unrankable": unrankable.reshape(b, hkv, g, tp)[..., :tq]}
 
 
 def _slot(st: _Static, meta, j):
@@ -259,5 +260,6 @@ def moba_xla(call: MoBACall):
     a = call.attention
     st = _Static(float(a.scale), call.block_size, a.block_q, a.block_kv, a.k.shape[1], a.groups)
     meta = jax.lax.stop_gradient(_metadata(call))
+    unrankable = meta.pop("unrankable")
     o, lse = _flash(st, a.q, a.k, a.v, meta)
-    return finish(a, o, lse)
+    return poison_rows(a, finish(a, o, lse), unrankable)

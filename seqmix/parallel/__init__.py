@@ -184,12 +184,30 @@ def sequence_parallel_recurrent(family: str, q, k, v, *args, mesh, axis: str = "
     return jax.shard_map(local, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs, check_vma=False)(*inputs)
 
 
+def sequence_parallel_family(family: str, q, k, v, *, mesh, axis: str = "seq", strategy: str, segment_ids=None,
+                             batch_axes="auto", **kwargs):
+    """A family's own strategy function (its record's ``sp_functions``, e.g. MoBA's all-gather) on global
+    q ``[B, T, Hq, D]``, k/v ``[B, T, Hkv, ·]`` and ``segment_ids [B, T]``, over contiguous shards of
+    ``mesh`` axis ``axis``; ``kwargs`` go to the function as they are. Returns o ``[B, T, Hq, Dv]``."""
+    fn = for_family(family, strategy)
+    b, t = q.shape[:2]
+    p = mesh_lib.axis_size(mesh, axis)
+    _seq_len_check(t, p, axis, "q")
+    x = PS(_batch_axes(mesh, axis, batch_axes, b), axis)
+    if segment_ids is None:
+        local = lambda q, k, v: fn(q, k, v, axis_name=axis, **kwargs)  # noqa: E731
+        return jax.shard_map(local, mesh=mesh, in_specs=(x,) * 3, out_specs=x, check_vma=False)(q, k, v)
+    local = lambda q, k, v, s: fn(q, k, v, axis_name=axis, segment_ids=s, **kwargs)  # noqa: E731
+    return jax.shard_map(local, mesh=mesh, in_specs=(x,) * 4, out_specs=x, check_vma=False)(
+        q, k, v, jnp.asarray(segment_ids, jnp.int32))
+
+
 from seqmix.parallel.config import SequenceParallel  # noqa: E402  (needs the wrappers above)
 
 __all__ = [
     "AXES", "RECURRENT_STRATEGIES", "SOFTMAX_STRATEGIES", "SequenceParallel", "allgather_attention", "for_family",
     "inverse_permutation", "lasp1",
     "lasp2", "lasp2h", "layout", "make_mesh", "mesh", "permute", "permute_inputs", "ring_attention",
-    "sequence_parallel_attention", "sequence_parallel_recurrent", "striped_permutation", "ulysses_attention",
+    "sequence_parallel_attention", "sequence_parallel_family", "sequence_parallel_recurrent", "striped_permutation", "ulysses_attention",
     "unpermute", "zigzag_permutation",
 ]

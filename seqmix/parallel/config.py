@@ -11,6 +11,8 @@ positions.
   "ulysses"`` (default ``"allgather"``: with ``recurrent_strategy="lasp2"`` that is LASP-2H, one
   all-gather per layer); ``layout`` (``None | "zigzag" | "striped"``) is a per-layer permutation of the
   softmax layers' q/k/v, positions and segment ids, undone on the output;
+* layers of a family with its own strategy functions (``MoBAAttention``): ``strategy`` must be one its
+  record lists, on the contiguous layout (:meth:`SequenceParallel.family_op`);
 * recurrent layers: ``recurrent_strategy`` in ``"lasp2" | "lasp1"`` (contiguous layout: a recurrence
   needs its tokens in order).
 
@@ -97,6 +99,29 @@ class SequenceParallel:
                                            layout=self.layout, mask=mask, segment_ids=segment_ids,
                                            positions=positions, sink_logits=sink_logits, soft_cap=soft_cap,
                                            scale=scale, impl=impl, batch_axes=self.batch_axes)
+
+    def family_op(self, family: str, q, k, v, *, segment_ids=None, **kwargs):
+        """A family with its own strategy functions (its record's ``sp_functions``, e.g. ``moba``) on global
+        q/k/v ``[B, T, H, ·]``, by ``strategy`` over contiguous shards; returns o ``[B, T, Hq, Dv]``."""
+        from seqmix.parallel import sequence_parallel_family
+
+        self.check_family(family)
+        _check_div(q.shape[1], self.size, self.axis, family)
+        return sequence_parallel_family(family, q, k, v, mesh=self.mesh, axis=self.axis, strategy=self.strategy,
+                                        segment_ids=segment_ids, batch_axes=self.batch_axes, **kwargs)
+
+    def check_family(self, family: str) -> None:
+        """ValueError unless ``family``'s record lists this ``strategy`` and the layout is contiguous
+        (a layer calls it when built, so a bad setting fails before any data)."""
+        from seqmix.ops._registry import get_family
+
+        served = get_family(family).sequence_parallel
+        if self.strategy not in served:
+            raise ValueError(f"SequenceParallel: {family} layers run by strategies {list(served)}; "
+                             f"got strategy={self.strategy!r}")
+        if self.layout is not None:
+            raise ValueError(f"SequenceParallel: {family} layers need the contiguous layout (its strategy "
+                             f"reads whole blocks in order); got layout={self.layout!r}")
 
     # ------------------------------------------------------------------ recurrent layers
 

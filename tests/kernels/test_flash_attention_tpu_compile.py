@@ -127,3 +127,23 @@ def test_neighborhood_attention_compiles(meshes, gen, grid, batch, opts):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile()
     _check_kernels(compiled, gen)
+
+
+@pytest.mark.slow
+def test_moba_xla_compiles_at_the_issue_shape(meshes):
+    """MoBA's ``xla`` form (the one TPU runs: there is no Pallas MoBA kernel yet) forward + backward at
+    ``[1, 32768, 16, 128]`` bf16, block 512, top-3, for v5e: it compiles and its temporaries fit the
+    chip's 16 GiB of HBM with room for the model (well under half)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = meshes("v5e")
+    x = jax.ShapeDtypeStruct((1, 32768, 16, 128), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+
+    def loss(q, k, v):
+        return ops.moba(q, k, v, block_size=512, topk=3, impl="xla").astype(jnp.float32).sum()
+
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    print(f"moba xla v5e [1, 32768, 16, 128] bf16 block 512 top-3 fwd+bwd: temp {temp / 2**30:.2f} GiB")
+    assert 0 < temp < 8 << 30, temp

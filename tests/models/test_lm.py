@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from seqmix.models import LM, MIXERS, LMConfig, parse_mixers, register_mixer
+from seqmix.models.mixers import int_arg
 from seqmix.nn import Attention
 from seqmix.testing import assert_close
 
@@ -70,6 +71,9 @@ def test_registry_is_open_to_new_mixers():
         LMConfig(**SMALL, mixers="test_norope")
     with pytest.raises(ValueError, match="mixer name"):
         register_mixer("a,b", factory)
+    with pytest.raises(ValueError):  # a mixer that needs an argument must register one that builds
+        register_mixer("test_needs_arg", factory, check_arg=int_arg)
+    assert "test_needs_arg" not in MIXERS
 
 
 # ----------------------------------------------------------------------------- config

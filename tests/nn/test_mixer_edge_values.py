@@ -19,13 +19,7 @@ T, POISON = 24, 10
 
 
 def _build(name):
-    entry = lookup(name)
-    try:
-        entry.check_arg(name, None)
-        arg = None
-    except ValueError:
-        arg = "8"
-    return build_mixer(DIMS, name, arg, rngs=nnx.Rngs(0))
+    return build_mixer(DIMS, name, lookup(name).example, rngs=nnx.Rngs(0))
 
 
 @nnx.jit

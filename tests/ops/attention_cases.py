@@ -32,6 +32,7 @@ MASKS = {
     "chunked": lambda t, s: M.ChunkedCausal(16),
     "streaming": lambda t, s: M.streaming(8, 3),
     "prefix_lm": lambda t, s: M.PrefixLM(11),
+    "power": lambda t, s: M.PowerAttention(5, window_blocks=2),  # blocks of 5 do not divide the tiles
     # indexed by position: queries sit at S - Tq .. S - 1, so the table needs S rows when Tq < S
     "explicit": lambda t, s: random_block_sparse(max(t, s), s, 16, 0.4),
     "composed": lambda t, s: (M.Causal() & M.SlidingWindow(20, None)) | (M.Sinks(2) & M.Causal()),

@@ -60,7 +60,7 @@ def test_segments_make_blocks_empty():
 
 _ATOMS = st.sampled_from([
     M.Causal(), M.Full(), M.LocalWindow(5), M.SlidingWindow(2, 7), M.ChunkedCausal(12), M.Sinks(3),
-    M.PrefixLM(9), M.SlidingWindow(None, 4),
+    M.PrefixLM(9), M.SlidingWindow(None, 4), M.PowerAttention(3), M.PowerAttention(1, 3, 0),
 ])
 _MASKS = st.recursive(_ATOMS, lambda inner: st.one_of(
     st.builds(lambda a, b: a & b, inner, inner), st.builds(lambda a, b: a | b, inner, inner)), max_leaves=4)

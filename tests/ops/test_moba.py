@@ -70,10 +70,11 @@ def test_matches_brute_force(impl, bs, topk, packed):
 
 def test_gate_ties_go_to_the_lower_block_and_fewer_blocks_take_all():
     scores = jnp.array([[3.0, 5.0, 5.0, 1.0, 5.0]])
-    np.testing.assert_array_equal(top_blocks(scores, jnp.array([5]), 3), [[1, 2]])
-    np.testing.assert_array_equal(top_blocks(scores, jnp.array([1]), 3), [[0, -1]])
-    np.testing.assert_array_equal(top_blocks(scores, jnp.array([0]), 3), [[-1, -1]])
-    assert top_blocks(scores, jnp.array([5]), 1).shape == (1, 0)
+    chosen = lambda n_past, topk: top_blocks(scores, jnp.array([n_past]), topk)[0]  # noqa: E731
+    np.testing.assert_array_equal(chosen(5, 3), [[1, 2]])
+    np.testing.assert_array_equal(chosen(1, 3), [[0, -1]])
+    np.testing.assert_array_equal(chosen(0, 3), [[-1, -1]])
+    assert chosen(5, 1).shape == (1, 0)
     # equal keys everywhere: every past block ties; the lowest ones are chosen, by every implementation
     q, _, v = _inputs(b=1, t=64, h=2, hkv=1, d=8)
     k = jnp.ones((1, 64, 1, 8))
@@ -83,6 +84,26 @@ def test_gate_ties_go_to_the_lower_block_and_fewer_blocks_take_all():
     want = ops.attention(q, k, v, mask=M.Explicit(first_blocks), impl="reference")
     assert_close(ref, want, name="ties")
     assert_close(moba(q, k, v, block_size=8, topk=3, impl="xla", block_q=16, block_kv=8), want, name="xla ties")
+
+
+def test_nan_gate_score_makes_the_row_nan():
+    scores = jnp.array([[3.0, jnp.nan, 5.0], [3.0, 4.0, jnp.nan]])
+    chosen, unrankable = top_blocks(scores, jnp.array([3, 2]), 2)
+    np.testing.assert_array_equal(unrankable, [True, False])  # row 2's NaN candidate is not a past block
+    np.testing.assert_array_equal(chosen[1], [1])
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_nan_key_poisons_the_queries_whose_gate_ranks_its_block(impl):
+    """A NaN key in block 1 makes that block's mean NaN: every later query that ranks block 1 gets NaN,
+    whether or not it would have chosen it; queries before it and in block 1 stay as in the clean run."""
+    q, k, v = _inputs(b=1, t=40, h=2, hkv=1, d=8)
+    bad = k.at[0, 9, 0, 3].set(jnp.nan)  # block 1 = positions 8..15
+    kw = dict(block_size=8, topk=2, impl=impl, block_q=8, block_kv=8)
+    clean, out = np.asarray(moba(q, k, v, **kw)), np.asarray(moba(q, bad, v, **kw))
+    assert np.isnan(out[0, 16:]).all()
+    np.testing.assert_array_equal(np.isnan(out[0, :16]).any(-1).any(-1), np.arange(16) >= 9)  # attend key 9
+    np.testing.assert_allclose(out[0, :9], clean[0, :9], atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])
@@ -189,6 +210,23 @@ def test_layer_is_the_op_on_its_projections_and_switches_to_full():
     assert_close(nnx.jit(lambda m, x: m(x))(full, x), full.o_proj(o.reshape(2, 40, 32)), name="full attention")
     with pytest.raises(ValueError, match="mask is not an option"):
         snn.MoBAAttention(32, 4, block_size=8, topk=2, mask=M.Causal(), rngs=nnx.Rngs(0))
+
+
+def test_layer_sequence_parallel_settings_it_cannot_run_fail_when_built():
+    """(The parallel layer itself is checked against the single-device LM in tests/parallel.)"""
+    from seqmix.parallel import SequenceParallel, make_mesh
+
+    mesh = make_mesh({"seq": 1}, devices=jax.devices()[:1])
+    build = lambda sp, **kw: snn.MoBAAttention(32, 4, block_size=8, topk=2, sequence_parallel=sp,  # noqa: E731
+                                               rngs=nnx.Rngs(0), **kw)
+    with pytest.raises(ValueError, match=r"moba layers run by strategies \['allgather'\]"):
+        build(SequenceParallel(mesh, strategy="ring"))
+    with pytest.raises(ValueError, match="contiguous layout"):
+        build(SequenceParallel(mesh, layout="zigzag"))
+    build(SequenceParallel(mesh, strategy="ring"), full_attention=True)  # plain attention runs any strategy
+    x = jax.random.normal(jax.random.key(1), (1, 12, 32))
+    layer, plain = build(SequenceParallel(mesh)), build(None)
+    assert_close(nnx.jit(lambda m, x: m(x))(layer, x), nnx.jit(lambda m, x: m(x))(plain, x), name="1-shard SP")
 
 
 @pytest.mark.parametrize("arg, want", [("64:3", (64, 3)), ("8:1", (8, 1))])

@@ -12,7 +12,7 @@ from __future__ import annotations
 SEGS = [5, 11, 1, 19, 12]  # boundaries at 5, 16, 17, 36, 48
 SEGS_LONG = [21, 30, 2]  # a first document crossing shard boundaries (initial_state must travel)
 
-MASK_NAMES = ["full", "causal", "window", "two_sided", "chunked", "streaming", "prefix_lm", "explicit", "composed"]
+MASK_NAMES = ["full", "causal", "window", "two_sided", "chunked", "streaming", "prefix_lm", "explicit", "composed", "power"]
 
 
 def _sm(id_, strategy, p, mask, *, layout=None, seg=SEGS, hq=4, hkv=2, sink=False, soft_cap=None, mesh="1d",
@@ -96,6 +96,13 @@ RECURRENT = (
     ]
 )
 
+# MoBA by all-gather KV (its family's own strategy): blocks and documents crossing shard boundaries.
+MOBA = [
+    dict(id="allgather-p4-moba-packed", p=4, seg=SEGS, block_size=6, topk=3, hq=4, hkv=2),
+    dict(id="allgather-p2-moba-noseg", p=2, seg=None, block_size=5, topk=2, hq=2, hkv=2),
+    dict(id="allgather-p8-moba-topk1", p=8, seg=SEGS_LONG, block_size=7, topk=1, hq=4, hkv=1),
+]
+
 # Collective structure (jaxpr): strategy, P.
 JAXPR = (
     [dict(id=f"ring-p{p}", kind="ring", p=p) for p in (2, 4, 8)]
@@ -110,7 +117,7 @@ JAXPR = (
 # Two halves of similar cost, so the suites run side by side on two cores.
 SOFTMAX_A = SOFTMAX[:len(MASK_NAMES) + 6]  # every mask, then the layouts
 SOFTMAX_B = SOFTMAX[len(MASK_NAMES) + 6:]
-SUITES = {"softmax_a": SOFTMAX_A, "softmax_b": SOFTMAX_B, "recurrent": RECURRENT, "jaxpr": JAXPR}
+SUITES = {"softmax_a": SOFTMAX_A, "softmax_b": SOFTMAX_B, "recurrent": RECURRENT, "jaxpr": JAXPR, "moba": MOBA}
 
 
 def assert_case_ok(rec) -> None:

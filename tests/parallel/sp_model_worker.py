@@ -30,9 +30,9 @@ from seqmix.parallel import SequenceParallel, make_mesh  # noqa: E402
 
 MIXERS = "attn,swa:16,gdn,gla"
 # (case id, mesh shape, softmax strategy, layout, packed segments, check gradients[, mixers])
-CASES = {
+CASES = {  # moba: its own all-gather strategy; duo: a call per head group
     "seq4_other_families": ({"seq": 4}, "allgather", None, True, False,
-                            "based:8,retnet,simple_gla,deltanet,linear,hedgehog,stream:8"),
+                            "based:8,retnet,simple_gla,deltanet,linear,hedgehog,stream:8,moba:6:3,duo:8:1,power:4"),
     "seq8_allgather": ({"seq": 8}, "allgather", None, False, True),
     "seq8_ring_segments": ({"seq": 8}, "ring", None, True, False),
     "data2_seq4_ulysses": ({"data": 2, "seq": 4}, "ulysses", None, False, False),

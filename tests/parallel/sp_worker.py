@@ -18,6 +18,7 @@ from tests import _xla_flags  # noqa: E402
 
 _xla_flags.add("--xla_force_host_platform_device_count=8", _xla_flags.FAST_COMPILE)
 
+import functools  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -130,6 +131,49 @@ def softmax_case(c):
         msgs.append(check_close(a, r, kind=kind, role="grad", name=name))
     if c["sink"]:
         msgs.append(check_close(g[3], g_ref[3], kind=kind, role="gate", name="dsink"))
+    msgs = [m for m in msgs if m]
+    if msgs:
+        raise AssertionError("; ".join(msgs))
+
+
+# ----------------------------------------------------------------------------- MoBA
+
+
+def moba_case(c):
+    """``allgather_moba`` (the strategy the MoBA record names) inside ``shard_map`` on contiguous shards vs
+    ``ops.moba``: o, lse, dq, dk, dv."""
+    from jax.sharding import PartitionSpec as PS
+
+    from seqmix.parallel.strategies import for_family
+
+    b, t = 2, 64
+    q, k, v = (rank_code(x) for x in qkv(13, b, t, t, c["hq"], c["hkv"], 8))
+    seg = None if c["seg"] is None else packed_segments(b, t, c["seg"])
+    kw = dict(block_size=c["block_size"], topk=c["topk"], return_lse=True, block_q=8, block_kv=8)
+    kd, kl = jax.random.split(jax.random.PRNGKey(6))
+    ct = (jax.random.normal(kd, (b, t, c["hq"], 8), F32), jax.random.normal(kl, (b, c["hq"], t), F32))
+    fn = for_family("moba", "allgather")
+    mesh = make_mesh("1d", c["p"])
+    x = PS(None, "seq")
+
+    def sharded(q, k, v):
+        local = lambda q, k, v, s: fn(q, k, v, axis_name="seq", segment_ids=s, **kw)  # noqa: E731
+        if seg is None:
+            local = functools.partial(lambda f, q, k, v: f(q, k, v, None), local)
+            return jax.shard_map(local, mesh=mesh, in_specs=(x, x, x), out_specs=(x, PS(None, None, "seq")),
+                                 check_vma=False)(q, k, v)
+        return jax.shard_map(local, mesh=mesh, in_specs=(x, x, x, x), out_specs=(x, PS(None, None, "seq")),
+                             check_vma=False)(q, k, v, seg)
+
+    def grads(f):
+        out, vjp = jax.vjp(jax.jit(f), q, k, v)
+        return out, vjp(ct)
+
+    (o_ref, lse_ref), g_ref = grads(lambda q, k, v: ops.moba(q, k, v, segment_ids=seg, **kw))
+    (o, lse), g = grads(sharded)
+    msgs = [check_close(o, o_ref, kind="sharded", role="out", name="o"),
+            check_close(lse, lse_ref, kind="sharded", role="out", name="lse")]
+    msgs += [check_close(a, r, kind="sharded", role="grad", name=n) for n, a, r in zip(("dq", "dk", "dv"), g, g_ref)]
     msgs = [m for m in msgs if m]
     if msgs:
         raise AssertionError("; ".join(msgs))
@@ -266,7 +310,7 @@ def jaxpr_case(c):
 
 
 RUNNERS = {"softmax_a": softmax_case, "softmax_b": softmax_case, "recurrent": recurrent_case,
-           "jaxpr": jaxpr_case}
+           "jaxpr": jaxpr_case, "moba": moba_case}
 
 
 def main(argv):
