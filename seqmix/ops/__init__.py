@@ -14,7 +14,7 @@ from seqmix.ops.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
 from seqmix.ops.gla import gla, gla_step
 from seqmix.ops.moba import MoBACache, init_moba_cache, moba, moba_decode
 from seqmix.ops.per_head import PerHeadCache, attention_decode_per_head, attention_per_head, init_per_head_cache
-from seqmix.ops.neighborhood import neighborhood_attention
+from seqmix.ops.neighborhood import neighborhood_attention, neighborhood_decode
 from seqmix.ops.neighborhood_mask import CausalNeighborhood, Neighborhood, neighborhood
 from seqmix.ops.linear_attention import linear_attention, linear_attention_step, taylor_feature_map
 from seqmix.ops.retention import lightning_decay, retention, retention_step, retnet_decay
@@ -28,6 +28,6 @@ __all__ = [
     "lightning_decay", "linear_attention", "linear_attention_step", "masks", "merge_lse", "MoBACache",
     "init_moba_cache", "moba", "moba_decode", "neighborhood", "PerHeadCache", "attention_decode_per_head",
     "attention_per_head", "init_per_head_cache",
-    "neighborhood_attention", "retention", "retention_step", "retnet_decay", "simple_gla", "simple_gla_step",
+    "neighborhood_attention", "neighborhood_decode", "retention", "retention_step", "retnet_decay", "simple_gla", "simple_gla_step",
     "taylor_feature_map", "update_kv_cache", "useful_flops", "with_backward",
 ]

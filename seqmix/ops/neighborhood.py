@@ -12,7 +12,9 @@ Each query attends to exactly the keys of its NATTEN neighborhood (FAMILIES.md �
 implementation is the ``attention`` family's implementation of the same name run with that mask
 (``reference``: the explicit masked softmax; ``xla`` and ``pallas_tpu``: the block-sparse flash forms,
 which skip the blocks the mask's bounds call empty). Decoding (1-D causal, stride 1): ``attention_decode``
-with :class:`~seqmix.ops.neighborhood_mask.CausalNeighborhood`, a ring of ``(K − 1)·D + 1`` keys.
+with :class:`~seqmix.ops.neighborhood_mask.CausalNeighborhood`, a ring of ``(K − 1)·D + 1`` keys; video
+(causal in time, the first axis, stride 1 along it): :func:`neighborhood_decode` a frame at a time, a
+ring of ``((K_t − 1)·D_t + 1)`` frames (``cache_size_for(mask, ...)``).
 Sequence parallelism (1-D, or along the first spatial axis, which row-major order keeps contiguous): the
 softmax strategies ``ring`` and ``allgather`` with the same mask on the flattened tokens.
 """
@@ -20,8 +22,10 @@ softmax strategies ``ring`` and ``allgather`` with the same mask on the flattene
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from seqmix.ops import _checks, _op_docs, _registry
 from seqmix.ops.attention import attention_flops, prepare_attention
@@ -137,6 +141,36 @@ def neighborhood_flops(call: NeighborhoodCall) -> float:
 _PORTABLE = ("reference", "xla")  # define_family registers these two; the kernels keep their own evidence
 _KERNELS = tuple(_on_attention(n) for n in _registry.get_family(ATTENTION).implementations if n not in _PORTABLE)
 
+def neighborhood_decode(q, k, v, cache, *, mask, scale=None, impl=None):
+    """Append whole frames of a video (or any grid causal along its first axis) and attend from them.
+
+    q ``[B, n, *frame, H, D]`` (``n`` frames, usually 1), k/v ``[B, n, *frame, Hkv, ·]``; mask: the
+    :func:`~seqmix.ops.neighborhood_mask.neighborhood` of the whole video, shape ``(max_frames, *frame)``,
+    ``is_causal[0]`` true and ``stride[0] == 1``; cache: ``init_kv_cache`` sized by ``cache_size_for(mask,
+    mask.tokens)`` (a ring of the time window's frames). Returns ``(o [B, n, *frame, H, Dv], cache)``, equal
+    to the parallel op's rows for these frames. Frames go in whole: later tokens of a frame are neighbours
+    of earlier ones along the non-causal axes."""
+    from seqmix.ops.attention import attention_decode
+    from seqmix.ops.neighborhood_mask import Neighborhood
+
+    if not isinstance(mask, Neighborhood) or not mask.is_causal[0] or mask.stride[0] != 1:
+        raise ValueError("neighborhood_decode: mask must be a neighborhood(...) causal along its first axis "
+                         f"with stride 1 there; got {mask!r}")
+    frame = mask.shape[1:]
+    b, n = q.shape[:2]
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != len(mask.shape) + 3 or tuple(x.shape[2:-2]) != frame or x.shape[:2] != (b, n):
+            raise ValueError(f"neighborhood_decode: {name} must be [B, frames, {', '.join(map(str, frame))}, heads, "
+                             f"dim] like q; got {list(x.shape)}")
+    size = int(np.prod(frame, dtype=np.int64))
+    if _checks.is_concrete(cache.next_pos) and int(cache.next_pos) % size:
+        raise ValueError(f"neighborhood_decode: the cache holds {int(cache.next_pos)} tokens, not whole frames of "
+                         f"{size}")
+    flat = lambda x: x.reshape(b, n * size, *x.shape[-2:])  # noqa: E731
+    o, cache = attention_decode(flat(q), flat(k), flat(v), cache, mask=mask, scale=scale, impl=impl)
+    return o.reshape(b, n, *frame, *o.shape[-2:]), cache
+
+
 neighborhood_attention = _registry.define_family(
     FAMILY, kind="softmax", prepare=prepare_neighborhood, doc=DOC,
     summary="Neighborhood attention (NATTEN semantics) on 1-D/2-D/3-D grids: kernel, dilation, stride, causal per dimension.",
@@ -144,7 +178,8 @@ neighborhood_attention = _registry.define_family(
     describe=_on_attention("xla").describe, kernels=_KERNELS,
     args=tuple(_registry.ArgSpec(n, "option", example=e) for n, e in
                (("kernel_size", 7), ("dilation", 1), ("stride", 1), ("is_causal", False))),
-    decode_doc="1-D causal: attention_decode with CausalNeighborhood",
+    decode_doc="1-D causal: attention_decode with CausalNeighborhood; causal in time (video): neighborhood_decode "
+               "a frame at a time",
     sequence_parallel=("ring", "allgather"),
     modules=("seqmix.nn.NeighborhoodAttention1D", "seqmix.nn.NeighborhoodAttention2D",
              "seqmix.nn.NeighborhoodAttention3D"),

@@ -115,8 +115,11 @@ class Neighborhood(Mask):
         return jnp.broadcast_to(any_, shape), jnp.broadcast_to(all_, shape)
 
     def cache_extent(self):
-        if len(self.shape) == 1 and self.is_causal[0] and self.stride[0] == 1:
-            return (self.kernel_size[0] - 1) * self.dilation[0] + 1, 0
+        # Causal along the first axis (time, for video) with stride 1: a query sees frames back to
+        # (K − 1)·D before its own, so decoding a frame at a time needs that many frames plus its own.
+        if self.is_causal[0] and self.stride[0] == 1:
+            frame = int(np.prod(self.shape[1:], dtype=np.int64))
+            return ((self.kernel_size[0] - 1) * self.dilation[0] + 1) * frame, 0
         return None, 0
 
 

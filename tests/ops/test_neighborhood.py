@@ -240,3 +240,38 @@ def test_causal_neighborhood_decode_equals_the_parallel_op():
         o, cache = step(q[:, i:i + 1], kv[:, i:i + 1], kv[:, i:i + 1], cache)
         outs.append(o)
     testing.assert_close(jnp.concatenate(outs, 1), want, role="out", name="decode vs parallel")
+
+
+@pytest.mark.parametrize("grid, opts", [
+    ((7, 4, 5), dict(kernel_size=(3, 3, 3), dilation=(2, 1, 1), is_causal=(True, False, False))),
+    ((6, 9), dict(kernel_size=(2, 4), dilation=(1, 2), is_causal=(True, True))),  # even kernel, causal rows too
+])
+def test_video_decode_a_frame_at_a_time_equals_the_parallel_op(grid, opts):
+    """Causal in time: a ring of ((K_t − 1)·D_t + 1) frames, the first two frames at once then one per
+    step, in a mask built for more frames than decoded; equals the op on the whole clip."""
+    from seqmix import ops
+
+    rng = np.random.default_rng(5)
+    frames, frame = grid[0], grid[1:]
+    q = jnp.asarray(rng.standard_normal((2, *grid, 4, 8)), jnp.float32)
+    kv = jnp.asarray(rng.standard_normal((2, *grid, 2, 8)), jnp.float32)
+    want = neighborhood_attention(q, kv, kv, impl="reference", **opts)
+    mask = neighborhood((frames + 3, *frame), **opts)
+    ring, n_sink = ops.cache_size_for(mask, mask.tokens)
+    size = int(np.prod(frame))
+    assert ring == ((opts["kernel_size"][0] - 1) * opts["dilation"][0] + 1) * size and n_sink == 0
+    cache = ops.init_kv_cache(2, 2, 8, ring=ring, n_sink=0)
+    step = jax.jit(lambda q, k, v, c: ops.neighborhood_decode(q, k, v, c, mask=mask))
+    o, cache = step(q[:, :2], kv[:, :2], kv[:, :2], cache)
+    outs = [o]
+    for t in range(2, frames):
+        o, cache = step(q[:, t:t + 1], kv[:, t:t + 1], kv[:, t:t + 1], cache)
+        outs.append(o)
+    testing.assert_close(jnp.concatenate(outs, 1), want, role="out", name="video decode vs parallel")
+    half = ops.init_kv_cache(2, 2, 8, ring=ring, n_sink=0)
+    _, half = ops.attention_decode(q[:, 0, :1].reshape(2, -1, 4, 8), kv[:, 0, :1].reshape(2, -1, 2, 8),
+                                   kv[:, 0, :1].reshape(2, -1, 2, 8), half, mask=mask)
+    with pytest.raises(ValueError, match="not whole frames"):
+        ops.neighborhood_decode(q[:, :1], kv[:, :1], kv[:, :1], half, mask=mask)
+    with pytest.raises(ValueError, match="causal along its first axis"):
+        ops.neighborhood_decode(q[:, :1], kv[:, :1], kv[:, :1], cache, mask=neighborhood(grid, 3))
