@@ -194,12 +194,12 @@ def sequence_parallel_family(family: str, q, k, v, *, mesh, axis: str = "seq", s
     p = mesh_lib.axis_size(mesh, axis)
     _seq_len_check(t, p, axis, "q")
     x = PS(_batch_axes(mesh, axis, batch_axes, b), axis)
-    if segment_ids is None:
-        local = lambda q, k, v: fn(q, k, v, axis_name=axis, **kwargs)  # noqa: E731
-        return jax.shard_map(local, mesh=mesh, in_specs=(x,) * 3, out_specs=x, check_vma=False)(q, k, v)
-    local = lambda q, k, v, s: fn(q, k, v, axis_name=axis, segment_ids=s, **kwargs)  # noqa: E731
-    return jax.shard_map(local, mesh=mesh, in_specs=(x,) * 4, out_specs=x, check_vma=False)(
-        q, k, v, jnp.asarray(segment_ids, jnp.int32))
+    arrays = (q, k, v) + (() if segment_ids is None else (jnp.asarray(segment_ids, jnp.int32),))
+
+    def local(q, k, v, *seg):
+        return fn(q, k, v, axis_name=axis, segment_ids=seg[0] if seg else None, **kwargs)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(x,) * len(arrays), out_specs=x, check_vma=False)(*arrays)
 
 
 from seqmix.parallel.config import SequenceParallel  # noqa: E402  (needs the wrappers above)

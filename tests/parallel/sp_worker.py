@@ -18,7 +18,6 @@ from tests import _xla_flags  # noqa: E402
 
 _xla_flags.add("--xla_force_host_platform_device_count=8", _xla_flags.FAST_COMPILE)
 
-import functools  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -157,13 +156,13 @@ def moba_case(c):
     x = PS(None, "seq")
 
     def sharded(q, k, v):
-        local = lambda q, k, v, s: fn(q, k, v, axis_name="seq", segment_ids=s, **kw)  # noqa: E731
-        if seg is None:
-            local = functools.partial(lambda f, q, k, v: f(q, k, v, None), local)
-            return jax.shard_map(local, mesh=mesh, in_specs=(x, x, x), out_specs=(x, PS(None, None, "seq")),
-                                 check_vma=False)(q, k, v)
-        return jax.shard_map(local, mesh=mesh, in_specs=(x, x, x, x), out_specs=(x, PS(None, None, "seq")),
-                             check_vma=False)(q, k, v, seg)
+        arrays = (q, k, v) + (() if seg is None else (seg,))
+
+        def local(q, k, v, *s):
+            return fn(q, k, v, axis_name="seq", segment_ids=s[0] if s else None, **kw)
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(x,) * len(arrays), out_specs=(x, PS(None, None, "seq")),
+                             check_vma=False)(*arrays)
 
     def grads(f):
         out, vjp = jax.vjp(jax.jit(f), q, k, v)
