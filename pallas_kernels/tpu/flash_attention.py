@@ -11,13 +11,16 @@ Kernel layout (the caller transposes from the API's ``[B, T, H, D]``):
   and dq kernels stack them as ``G·block_q`` rows of one tile, so K/V are read once per group and
   never repeated in HBM. ``k [B, Hkv, Sp, D]``, ``v [B, Hkv, Sp, Dv]``.
 * ``o [B, Hkv, G, Tp, Dv]`` (input dtype), ``lse [B, Hkv, G, 1, Tp]`` fp32 (lane-dense rows).
-* coordinates, int32, rows ``(pos, rel, seg, 0, ...)``: what a partial chunk needs to evaluate the
-  mask: ``q_coords [B, 8, Tp]`` and ``kv_coords [B, Sp/chunk, 8, chunk]`` (chunk-major, so a kernel
-  picks a kv chunk by a leading index). A padded key has ``pos < 0`` and is never attended.
+* coordinates, int32, rows ``(pos, rel, seg, ...)`` (a multiple of 8 rows; rows past ``seg`` are the
+  caller's, e.g. MoBA's block ids): what a partial chunk needs to evaluate the mask: ``q_coords
+  [B, R, Tp]`` and ``kv_coords [B, Sp/chunk, R', chunk]`` (chunk-major, so a kernel picks a kv chunk
+  by a leading index). A padded key has ``pos < 0`` and is never attended. With ``per_head`` (a mask
+  that depends on the query head, e.g. MoBA's gated blocks) ``q_coords`` is ``[B, Hkv, G, R, Tp]``.
 * ``sinks [Hq]`` fp32 (zeros and ignored unless ``has_sinks``).
 
-Block metadata (splash style, one table shared by every batch row and head), in SMEM through scalar
-prefetch (``PrefetchScalarGridSpec``), flattened to 1-D int32:
+Block metadata (splash style), in SMEM through scalar prefetch (``PrefetchScalarGridSpec``), flattened
+to 1-D int32: one table shared by every batch row and head, or with ``per_head`` one table per
+(batch row, kv head) (table ``b·Hkv + h``; a table's step lists cover the union of its G query heads):
 
 * ``steps``: for each outer block (q block in the forward and dq kernels, kv block in the dkv kernel)
   ``n_inner`` entries ``(inner block << 2) | kind``. Non-empty blocks come first in increasing
@@ -25,8 +28,9 @@ prefetch (``PrefetchScalarGridSpec``), flattened to 1-D int32:
   (same block index) and ``pl.when`` skips the body.
 * ``chunks``: EMPTY(0) / PARTIAL(1) / FULL(2) for every (q block, kv block, kv chunk of
   ``block_kv_compute`` keys). Inside a live block each chunk is skipped (EMPTY), computed without a
-  mask (FULL), or masked with ``pair_fn(q_pos, q_rel, q_seg, kv_pos, kv_rel, kv_seg)`` evaluated
-  in-kernel (PARTIAL): the caller's one definition of an allowed pair (mask, key validity, segments). Large blocks keep DMA and per-step overhead
+  mask (FULL), or masked with ``pair_fn(q, kv)`` evaluated in-kernel (PARTIAL; ``q`` and ``kv`` are
+  tuples of the coordinate rows, broadcasting against each other): the caller's one definition of an
+  allowed pair (mask, key validity, segments). Large blocks keep DMA and per-step overhead
   low while chunks keep the causal diagonal's wasted work and the fp32 score tile small.
 
 Grids: forward and dq ``(B, Hkv, n_q_blocks, n_kv_blocks)``; dkv ``(B, Hkv, n_kv_blocks, n_q_blocks)``
@@ -60,7 +64,7 @@ COORD_ROWS = 8  # pos, rel, seg, then zero rows: one full sublane tile of int32
 POS, REL, SEG = 0, 1, 2
 NUM_LANES = 128
 
-PairFn = Callable[..., Any]  # (q_pos, q_rel, q_seg, kv_pos, kv_rel, kv_seg) -> bool, broadcasting
+PairFn = Callable[..., Any]  # (q rows, kv rows): tuples of int32 coordinates (POS, REL, SEG, ...) -> bool
 
 _CompilerParams = _compat.CompilerParams
 _SQ = _compat.SQ
@@ -123,6 +127,7 @@ class FlashConfig:
     interpret: Any = None  # pallas_call(interpret=...): None compiles with Mosaic
     density: float = 1.0  # expected fraction of non-empty block pairs: only for XLA cost estimates
     fp32_highest: bool = False  # fp32 operands: exact fp32 matmuls (else Mosaic's default passes)
+    per_head: bool = False  # q coordinates per query head, step/chunk tables per (batch, kv head)
 
 
 def step_entry(block, kind):
@@ -157,9 +162,41 @@ def _col(row):
     return row.T
 
 
-def _allowed(cfg: FlashConfig, q_pos, q_rel, q_seg, kv_pos, kv_rel, kv_seg, shape):
-    """The caller's pair predicate, broadcast to ``shape``."""
-    return jnp.broadcast_to(cfg.pair_fn(q_pos, q_rel, q_seg, kv_pos, kv_rel, kv_seg), shape)
+def _allowed(cfg: FlashConfig, q_cols, kv_rows, shape):
+    """The caller's pair predicate on query coordinate columns ``(n, R)`` and key coordinate rows
+    ``(R', m)``, broadcast to ``shape``."""
+    q = tuple(q_cols[:, r:r + 1] for r in range(q_cols.shape[1]))
+    kv = tuple(kv_rows[r:r + 1, :] for r in range(kv_rows.shape[0]))
+    return jnp.broadcast_to(cfg.pair_fn(q, kv), shape)
+
+
+def _allowed_t(cfg: FlashConfig, q_rows, kv_cols, shape):
+    """:func:`_allowed` in the transposed orientation: query rows ``(R, n)``, key columns ``(m, R')``."""
+    q = tuple(q_rows[r:r + 1, :] for r in range(q_rows.shape[0]))
+    kv = tuple(kv_cols[:, r:r + 1] for r in range(kv_cols.shape[1]))
+    return jnp.broadcast_to(cfg.pair_fn(q, kv), shape)
+
+
+def _table(cfg: FlashConfig, b, h, hkv: int):
+    """Index of the metadata table of (batch row ``b``, kv head ``h``): 0 when one table serves all."""
+    return b * hkv + h if cfg.per_head else 0
+
+
+def _q_columns(cfg: FlashConfig, qc_ref, g: int):
+    """Query coordinates as columns: ``(bq, R)``, or ``(G·bq, R)`` (head-major) with ``per_head``."""
+    if not cfg.per_head:
+        return _col(qc_ref[...])
+    return jnp.concatenate([_col(qc_ref[jj]) for jj in range(g)], axis=0)
+
+
+def _mask_scores(cfg: FlashConfig, s, qcol, kc, g: int, bq: int, bkc: int):
+    """Scores ``(G·bq, bkc)`` with disallowed pairs at -inf: one ``(bq, bkc)`` predicate shared by the
+    group, or, with ``per_head``, one per row of the stacked tile."""
+    rows = g * bq
+    if cfg.per_head:
+        return jnp.where(_allowed(cfg, qcol, kc, (rows, bkc)), s, -jnp.inf)
+    ok = _allowed(cfg, qcol, kc, (bq, bkc))
+    return jnp.where(ok[None], s.reshape(g, bq, bkc), -jnp.inf).reshape(rows, bkc)
 
 
 def _cap(cfg: FlashConfig, s):
@@ -217,18 +254,19 @@ def _for_chunks(chunks_ref, base, nc: int, bkc: int, body):
 
 def _fwd_kernel(steps_ref, chunks_ref, sinks_ref, q_ref, k_ref, v_ref, qc_ref, kc_ref, o_ref,
                 lse_ref, m_sc, l_sc, acc_sc, qcol_sc, *, cfg: FlashConfig, g: int, bq: int,
-                bkc: int, nk: int, nc: int):
-    h, i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+                bkc: int, nq: int, nk: int, nc: int, hkv: int):
+    b, h, i, t = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
     rows = g * bq
+    row = _table(cfg, b, h, hkv) * nq + i  # this q block's row of the step and chunk tables
 
     @pl.when(t == 0)
     def _init():
         m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
-        qcol_sc[...] = _col(qc_ref[...])  # (8, bq) -> (bq, 8): q coordinates as columns
+        qcol_sc[...] = _q_columns(cfg, qc_ref, g)  # (R, bq) rows -> (bq, R) columns
 
-    j, live = _step(steps_ref, i, t, nk)
+    j, live = _step(steps_ref, row, t, nk)
 
     def chunk(c, off, masked: bool):
         sl = pl.ds(off, bkc)
@@ -236,10 +274,7 @@ def _fwd_kernel(steps_ref, chunks_ref, sinks_ref, q_ref, k_ref, v_ref, qc_ref, k
         v = v_ref[sl, :]
         s, _ = _cap(cfg, _nt(cfg, q, k_ref[sl, :]) * cfg.scale)
         if masked:
-            qcol, kc = qcol_sc[...], kc_ref[c]
-            ok = _allowed(cfg, qcol[:, POS:POS + 1], qcol[:, REL:REL + 1], qcol[:, SEG:SEG + 1],
-                          kc[POS:POS + 1, :], kc[REL:REL + 1, :], kc[SEG:SEG + 1, :], (bq, bkc))
-            s = jnp.where(ok[None], s.reshape(g, bq, bkc), -jnp.inf).reshape(rows, bkc)
+            s = _mask_scores(cfg, s, qcol_sc[...], kc_ref[c], g, bq, bkc)
         m = m_sc[:, 0:1]
         m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no exp(-inf - (-inf))
@@ -249,7 +284,7 @@ def _fwd_kernel(steps_ref, chunks_ref, sinks_ref, q_ref, k_ref, v_ref, qc_ref, k
         acc_sc[...] = corr * acc_sc[...] + _nn(cfg, p.astype(v.dtype), v)
         m_sc[...] = jnp.broadcast_to(m_new, m_sc.shape)
 
-    pl.when(live)(lambda: _for_chunks(chunks_ref, (i * nk + j) * nc, nc, bkc, chunk))
+    pl.when(live)(lambda: _for_chunks(chunks_ref, (row * nk + j) * nc, nc, bkc, chunk))
 
     @pl.when(t == nk - 1)
     def _finish():
@@ -273,34 +308,58 @@ def _fwd_kernel(steps_ref, chunks_ref, sinks_ref, q_ref, k_ref, v_ref, qc_ref, k
             lse_ref[jj] = lse_wide[jj * bq:(jj + 1) * bq, :].T[0:1, :]
 
 
+def _inner_block(cfg: FlashConfig, steps_ref, hkv: int, n_outer: int, n_inner: int, b_, h_, o_, t_):
+    """The inner block of step ``t_`` of outer block ``o_`` (an index map's view of the step table)."""
+    return steps_ref[(_table(cfg, b_, h_, hkv) * n_outer + o_) * n_inner + t_] >> KIND_BITS
+
+
+def _q_coord_spec(cfg: FlashConfig, q_coords, g: int, bq: int, block_of):
+    """BlockSpec of the query coordinates: ``(R, bq)`` shared, or ``(G, R, bq)`` with ``per_head``;
+    ``block_of(b, h, outer, t, *refs)`` is the q block index."""
+    r = q_coords.shape[-2]
+    if cfg.per_head:
+        return pl.BlockSpec((_SQ, _SQ, g, r, bq), lambda b_, h_, o_, t_, *refs: (b_, h_, 0, 0, block_of(b_, h_, o_, t_, *refs)))
+    return pl.BlockSpec((_SQ, r, bq), lambda b_, h_, o_, t_, *refs: (b_, 0, block_of(b_, h_, o_, t_, *refs)))
+
+
+def _q_coord_scratch(cfg: FlashConfig, q_coords, g: int, bq: int):
+    return _vmem(((g if cfg.per_head else 1) * bq, q_coords.shape[-2]), jnp.int32)
+
+
+def _q_major_specs(cfg: FlashConfig, hkv: int, nq: int, nk: int, nc: int, bkv: int, bkc: int, kcr: int):
+    """Index maps of the kv-side blocks on a (B, Hkv, q block, step) grid: k/v and kv coordinates."""
+
+    def kv_map(b_, h_, i_, t_, steps_ref, *_):
+        return (b_, h_, _inner_block(cfg, steps_ref, hkv, nq, nk, b_, h_, i_, t_), 0)
+
+    def kc_map(b_, h_, i_, t_, steps_ref, *_):
+        return (b_, _inner_block(cfg, steps_ref, hkv, nq, nk, b_, h_, i_, t_), 0, 0)
+
+    return kv_map, pl.BlockSpec((_SQ, nc, kcr, bkc), kc_map)
+
+
 def _fwd_call(cfg: FlashConfig, q, k, v, sinks, q_coords, steps, chunks, kv_coords):
     b, hkv, g, tp, d = q.shape
     sp, dv = k.shape[2], v.shape[-1]
     tl = cfg.tiles
     bq, bkv, bkc = tl.block_q, tl.block_kv, tl.block_kv_compute
     nq, nk, nc = tp // bq, sp // bkv, bkv // bkc
-
-    def kv_map(b_, h_, i_, t_, steps_ref, *_):
-        return (b_, h_, steps_ref[i_ * nk + t_] >> KIND_BITS, 0)
-
-    def kc_map(b_, h_, i_, t_, steps_ref, *_):
-        return (b_, steps_ref[i_ * nk + t_] >> KIND_BITS, 0, 0)
-
+    kv_map, kc_spec = _q_major_specs(cfg, hkv, nq, nk, nc, bkv, bkc, kv_coords.shape[-2])
     q_map = lambda b_, h_, i_, t_, *_: (b_, h_, 0, i_, 0)  # noqa: E731
     in_specs = [
         pl.BlockSpec((_SQ, _SQ, g, bq, d), q_map),
         pl.BlockSpec((_SQ, _SQ, bkv, d), kv_map),
         pl.BlockSpec((_SQ, _SQ, bkv, dv), kv_map),
-        pl.BlockSpec((_SQ, COORD_ROWS, bq), lambda b_, h_, i_, t_, *_: (b_, 0, i_)),
-        pl.BlockSpec((_SQ, nc, COORD_ROWS, bkc), kc_map),
+        _q_coord_spec(cfg, q_coords, g, bq, lambda b_, h_, i_, t_, *_: i_),
+        kc_spec,
     ]
     out_specs = [
         pl.BlockSpec((_SQ, _SQ, g, bq, dv), q_map),
         pl.BlockSpec((_SQ, _SQ, g, 1, bq), lambda b_, h_, i_, t_, *_: (b_, h_, 0, 0, i_)),
     ]
     scratch = [_vmem((g * bq, NUM_LANES), jnp.float32), _vmem((g * bq, NUM_LANES), jnp.float32),
-               _vmem((g * bq, dv), jnp.float32), _vmem((bq, COORD_ROWS), jnp.int32)]
-    kernel = functools.partial(_fwd_kernel, cfg=cfg, g=g, bq=bq, bkc=bkc, nk=nk, nc=nc)
+               _vmem((g * bq, dv), jnp.float32), _q_coord_scratch(cfg, q_coords, g, bq)]
+    kernel = functools.partial(_fwd_kernel, cfg=cfg, g=g, bq=bq, bkc=bkc, nq=nq, nk=nk, nc=nc, hkv=hkv)
     pairs = b * hkv * g * tp * sp
     return pl.pallas_call(
         kernel,
@@ -323,21 +382,21 @@ def _fwd_call(cfg: FlashConfig, q, k, v, sinks, q_coords, steps, chunks, kv_coor
 
 def _dq_kernel(steps_ref, chunks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qc_ref, kc_ref,
                dq_ref, dq_sc, lse_sc, di_sc, qcol_sc, *, cfg: FlashConfig, g: int, bq: int,
-               bkc: int, nk: int, nc: int):
-    i, t = pl.program_id(2), pl.program_id(3)
-    rows = g * bq
+               bkc: int, nq: int, nk: int, nc: int, hkv: int):
+    b, h, i, t = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    row = _table(cfg, b, h, hkv) * nq + i
 
     @pl.when(t == 0)
     def _init():
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
-        qcol_sc[...] = _col(qc_ref[...])
+        qcol_sc[...] = _q_columns(cfg, qc_ref, g)
         for jj in range(g):  # per-head lse / D rows -> columns of the stacked tile
             rs = slice(jj * bq, (jj + 1) * bq)
             lse = jnp.broadcast_to(lse_ref[jj], (NUM_LANES, bq)).T
             lse_sc[rs, :] = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # lse_safe: p = 0 on empty rows
             di_sc[rs, :] = jnp.broadcast_to(di_ref[jj], (NUM_LANES, bq)).T
 
-    j, live = _step(steps_ref, i, t, nk)
+    j, live = _step(steps_ref, row, t, nk)
 
     def chunk(c, off, masked: bool):
         sl = pl.ds(off, bkc)
@@ -346,17 +405,14 @@ def _dq_kernel(steps_ref, chunks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_r
         k = k_ref[sl, :]
         s, tanh = _cap(cfg, _nt(cfg, q, k) * cfg.scale)
         if masked:
-            qcol, kc = qcol_sc[...], kc_ref[c]
-            ok = _allowed(cfg, qcol[:, POS:POS + 1], qcol[:, REL:REL + 1], qcol[:, SEG:SEG + 1],
-                          kc[POS:POS + 1, :], kc[REL:REL + 1, :], kc[SEG:SEG + 1, :], (bq, bkc))
-            s = jnp.where(ok[None], s.reshape(g, bq, bkc), -jnp.inf).reshape(rows, bkc)
+            s = _mask_scores(cfg, s, qcol_sc[...], kc_ref[c], g, bq, bkc)
         p = jnp.exp(s - lse_sc[:, 0:1])
         ds = p * (_nt(cfg, do, v_ref[sl, :]) - di_sc[:, 0:1])
         if tanh is not None:
             ds = ds * (1.0 - tanh * tanh)
         dq_sc[...] += cfg.scale * _nn(cfg, ds.astype(k.dtype), k)
 
-    pl.when(live)(lambda: _for_chunks(chunks_ref, (i * nk + j) * nc, nc, bkc, chunk))
+    pl.when(live)(lambda: _for_chunks(chunks_ref, (row * nk + j) * nc, nc, bkc, chunk))
 
     @pl.when(t == nk - 1)
     def _finish():
@@ -369,13 +425,7 @@ def _dq_call(cfg: FlashConfig, q, k, v, do, lse, di, q_coords, steps, chunks, kv
     tl = cfg.tiles
     bq, bkv, bkc = tl.block_q_bwd, tl.block_kv_bwd, tl.block_kv_compute_bwd
     nq, nk, nc = tp // bq, sp // bkv, bkv // bkc
-
-    def kv_map(b_, h_, i_, t_, steps_ref, *_):
-        return (b_, h_, steps_ref[i_ * nk + t_] >> KIND_BITS, 0)
-
-    def kc_map(b_, h_, i_, t_, steps_ref, *_):
-        return (b_, steps_ref[i_ * nk + t_] >> KIND_BITS, 0, 0)
-
+    kv_map, kc_spec = _q_major_specs(cfg, hkv, nq, nk, nc, bkv, bkc, kv_coords.shape[-2])
     q_map = lambda b_, h_, i_, t_, *_: (b_, h_, 0, i_, 0)  # noqa: E731
     row_map = lambda b_, h_, i_, t_, *_: (b_, h_, 0, 0, i_)  # noqa: E731
     in_specs = [
@@ -385,12 +435,12 @@ def _dq_call(cfg: FlashConfig, q, k, v, do, lse, di, q_coords, steps, chunks, kv
         pl.BlockSpec((_SQ, _SQ, g, bq, dv), q_map),
         pl.BlockSpec((_SQ, _SQ, g, 1, bq), row_map),
         pl.BlockSpec((_SQ, _SQ, g, 1, bq), row_map),
-        pl.BlockSpec((_SQ, COORD_ROWS, bq), lambda b_, h_, i_, t_, *_: (b_, 0, i_)),
-        pl.BlockSpec((_SQ, nc, COORD_ROWS, bkc), kc_map),
+        _q_coord_spec(cfg, q_coords, g, bq, lambda b_, h_, i_, t_, *_: i_),
+        kc_spec,
     ]
     scratch = [_vmem((g * bq, d), jnp.float32), _vmem((g * bq, NUM_LANES), jnp.float32),
-               _vmem((g * bq, NUM_LANES), jnp.float32), _vmem((bq, COORD_ROWS), jnp.int32)]
-    kernel = functools.partial(_dq_kernel, cfg=cfg, g=g, bq=bq, bkc=bkc, nk=nk, nc=nc)
+               _vmem((g * bq, NUM_LANES), jnp.float32), _q_coord_scratch(cfg, q_coords, g, bq)]
+    kernel = functools.partial(_dq_kernel, cfg=cfg, g=g, bq=bq, bkc=bkc, nq=nq, nk=nk, nc=nc, hkv=hkv)
     return pl.pallas_call(
         kernel,
         grid_spec=_PrefetchScalarGridSpec(num_scalar_prefetch=2, grid=(b, hkv, nq, nk),
@@ -412,8 +462,9 @@ def _dq_call(cfg: FlashConfig, q, k, v, do, lse, di, q_coords, steps, chunks, kv
 
 def _dkv_kernel(steps_ref, chunks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qc_ref,
                 kc_ref, dk_ref, dv_ref, dk_sc, dv_sc, kcol_sc, *, cfg: FlashConfig, g: int,
-                bq: int, bkc: int, nk: int, nq: int, nc: int):
-    j, t = pl.program_id(2), pl.program_id(3)
+                bq: int, bkc: int, nk: int, nq: int, nc: int, hkv: int):
+    b, h, j, t = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    tab = _table(cfg, b, h, hkv)
 
     @pl.when(t == 0)
     def _init():
@@ -422,18 +473,17 @@ def _dkv_kernel(steps_ref, chunks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_
         for c in range(nc):  # (8, bkc) per chunk -> (bkv, 8): key coordinates as columns
             kcol_sc[c * bkc:(c + 1) * bkc, :] = _col(kc_ref[c])
 
-    i, live = _step(steps_ref, j, t, nq)
+    i, live = _step(steps_ref, tab * nk + j, t, nq)
 
     def chunk(c, off, masked: bool):
         # Transposed orientation: scores are (keys, queries), so per-query lse / D are rows.
         sl = pl.ds(off, bkc)
         k = k_ref[sl, :]
         v = v_ref[sl, :]
-        ok = None
-        if masked:
-            kcol = kcol_sc[sl, :]
-            ok = _allowed(cfg, qc_ref[POS:POS + 1, :], qc_ref[REL:REL + 1, :], qc_ref[SEG:SEG + 1, :],
-                          kcol[:, POS:POS + 1], kcol[:, REL:REL + 1], kcol[:, SEG:SEG + 1], (bkc, bq))
+        kcol = kcol_sc[sl, :]
+        shared = None  # one predicate for the group, unless it depends on the head
+        if masked and not cfg.per_head:
+            shared = _allowed_t(cfg, qc_ref[...], kcol, (bkc, bq))
 
         def head(hg, carry):  # the q heads of this kv head; dk/dv sum over the group
             dk, dv = carry
@@ -441,7 +491,8 @@ def _dkv_kernel(steps_ref, chunks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_
             do = do_ref[hg]
             lse = lse_ref[hg]  # (1, bq)
             s, tanh = _cap(cfg, _nt(cfg, k, q) * cfg.scale)  # (bkc, bq)
-            if ok is not None:
+            if masked:
+                ok = shared if shared is not None else _allowed_t(cfg, qc_ref[hg], kcol, (bkc, bq))
                 s = jnp.where(ok, s, -jnp.inf)
             p = jnp.exp(s - jnp.where(lse == -jnp.inf, jnp.inf, lse))
             dv = dv + _nn(cfg, p.astype(do.dtype), do)
@@ -455,7 +506,7 @@ def _dkv_kernel(steps_ref, chunks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_
         dk_sc[sl, :] = dk
         dv_sc[sl, :] = dv
 
-    pl.when(live)(lambda: _for_chunks(chunks_ref, (i * nk + j) * nc, nc, bkc, chunk))
+    pl.when(live)(lambda: _for_chunks(chunks_ref, ((tab * nq + i) * nk + j) * nc, nc, bkc, chunk))
 
     @pl.when(t == nq - 1)
     def _finish():
@@ -469,16 +520,13 @@ def _dkv_call(cfg: FlashConfig, q, k, v, do, lse, di, q_coords, steps, chunks, k
     tl = cfg.tiles
     bq, bkv, bkc = tl.block_q_bwd, tl.block_kv_bwd, tl.block_kv_compute_bwd
     nq, nk, nc = tp // bq, sp // bkv, bkv // bkc
+    kcr = kv_coords.shape[-2]
 
-    def q_map(b_, h_, j_, t_, steps_ref, *_):
-        return (b_, h_, 0, steps_ref[j_ * nq + t_] >> KIND_BITS, 0)
+    def q_block(b_, h_, j_, t_, steps_ref, *_):
+        return _inner_block(cfg, steps_ref, hkv, nk, nq, b_, h_, j_, t_)
 
-    def row_map(b_, h_, j_, t_, steps_ref, *_):
-        return (b_, h_, 0, 0, steps_ref[j_ * nq + t_] >> KIND_BITS)
-
-    def qc_map(b_, h_, j_, t_, steps_ref, *_):
-        return (b_, 0, steps_ref[j_ * nq + t_] >> KIND_BITS)
-
+    q_map = lambda *a: (a[0], a[1], 0, q_block(*a), 0)  # noqa: E731
+    row_map = lambda *a: (a[0], a[1], 0, 0, q_block(*a))  # noqa: E731
     kv_map = lambda b_, h_, j_, t_, *_: (b_, h_, j_, 0)  # noqa: E731
     in_specs = [
         pl.BlockSpec((_SQ, _SQ, g, bq, d), q_map),
@@ -487,13 +535,13 @@ def _dkv_call(cfg: FlashConfig, q, k, v, do, lse, di, q_coords, steps, chunks, k
         pl.BlockSpec((_SQ, _SQ, g, bq, dv), q_map),
         pl.BlockSpec((_SQ, _SQ, g, 1, bq), row_map),
         pl.BlockSpec((_SQ, _SQ, g, 1, bq), row_map),
-        pl.BlockSpec((_SQ, COORD_ROWS, bq), qc_map),
-        pl.BlockSpec((_SQ, nc, COORD_ROWS, bkc), lambda b_, h_, j_, t_, *_: (b_, j_, 0, 0)),
+        _q_coord_spec(cfg, q_coords, g, bq, q_block),
+        pl.BlockSpec((_SQ, nc, kcr, bkc), lambda b_, h_, j_, t_, *_: (b_, j_, 0, 0)),
     ]
     out_specs = [pl.BlockSpec((_SQ, _SQ, bkv, d), kv_map), pl.BlockSpec((_SQ, _SQ, bkv, dv), kv_map)]
     scratch = [_vmem((bkv, d), jnp.float32), _vmem((bkv, dv), jnp.float32),
-               _vmem((bkv, COORD_ROWS), jnp.int32)]
-    kernel = functools.partial(_dkv_kernel, cfg=cfg, g=g, bq=bq, bkc=bkc, nk=nk, nq=nq, nc=nc)
+               _vmem((bkv, kcr), jnp.int32)]
+    kernel = functools.partial(_dkv_kernel, cfg=cfg, g=g, bq=bq, bkc=bkc, nk=nk, nq=nq, nc=nc, hkv=hkv)
     return pl.pallas_call(
         kernel,
         grid_spec=_PrefetchScalarGridSpec(num_scalar_prefetch=2, grid=(b, hkv, nk, nq),
@@ -516,9 +564,10 @@ def _dkv_call(cfg: FlashConfig, q, k, v, do, lse, di, q_coords, steps, chunks, k
 def flash_attention(cfg: FlashConfig, q, k, v, sinks, q_coords, fwd_meta, bwd_meta):
     """(o [B,Hkv,G,Tp,Dv], lse [B,Hkv,G,1,Tp]) in kernel layout (module docstring).
 
-    ``fwd_meta = (steps [nq·nk], chunks [nq·nk·nc], kv_coords [B, nk·nc, 8, bkc])`` for the forward
-    tiles; ``bwd_meta = (dq_steps [nq·nk], dkv_steps [nk·nq], chunks, kv_coords)`` for the backward
-    tiles (kv coordinates are stored chunk-major so a kernel indexes a chunk on a leading axis).
+    ``fwd_meta = (steps [n·nq·nk], chunks [n·nq·nk·nc], kv_coords [B, nk·nc, R, bkc])`` for the
+    forward tiles; ``bwd_meta = (dq_steps [n·nq·nk], dkv_steps [n·nk·nq], chunks, kv_coords)`` for the
+    backward tiles (``n`` tables: 1, or ``B·Hkv`` with ``cfg.per_head``; kv coordinates are stored
+    chunk-major so a kernel indexes a chunk on a leading axis).
     Differentiable in q, k, v and sinks.
     """
     return _fwd_call(cfg, q, k, v, sinks, q_coords, *fwd_meta)

@@ -32,14 +32,15 @@ def pair_allowed(mask: Mask, q_pos, q_rel, q_seg, kv_pos, kv_rel, kv_seg) -> Arr
 
 @dataclasses.dataclass(frozen=True)
 class PairPredicate:
-    """:func:`pair_allowed` for one static mask as a plain, hashable callable on int32 arrays
-    ``(q_pos, q_rel, q_seg, kv_pos, kv_rel, kv_seg) -> bool`` (the Pallas kernels' in-kernel predicate;
-    ``q_seg`` / ``kv_seg`` are ignored unless ``segments``)."""
+    """:func:`pair_allowed` for one static mask as a plain, hashable callable on int32 coordinate rows
+    ``(q, kv) -> bool``, each a tuple ``(pos, rel, seg, ...)`` broadcasting against the other (the
+    Pallas kernels' in-kernel predicate; the segments are ignored unless ``segments``)."""
 
     mask: Mask
     segments: bool
 
-    def __call__(self, q_pos, q_rel, q_seg, kv_pos, kv_rel, kv_seg):
+    def __call__(self, q, kv):
+        (q_pos, q_rel, q_seg), (kv_pos, kv_rel, kv_seg) = q[:3], kv[:3]
         return pair_allowed(self.mask, q_pos, q_rel, q_seg if self.segments else None, kv_pos, kv_rel,
                             kv_seg if self.segments else None)
 

@@ -20,9 +20,10 @@ Semantics (FAMILIES.md §2.3), causal only:
 5. A query whose gate meets a NaN score (a NaN among its past blocks' keys, or in itself) gets a NaN
    row: its choice would be an artifact of how the sort orders NaN.
 
-Implementations: ``reference`` (the materialized softmax over the selection, here) and ``xla``
+Implementations: ``reference`` (the materialized softmax over the selection, here), ``xla``
 (:mod:`seqmix.ops.moba_xla`: one flash pass over per-query-tile lists of the key tiles any query of
-the tile selected, so unselected tiles are never read). Decoding: :func:`moba_decode` with a
+the tile selected, so unselected tiles are never read) and ``pallas_tpu`` (:mod:`seqmix.ops.tpu.moba`:
+the attention flash kernels with step tables per (batch, kv head) and the selection evaluated in-kernel). Decoding: :func:`moba_decode` with a
 :class:`MoBACache` (every key, plus a running sum per block: a block joins the gate's pool once it is
 complete). Sequence parallelism: :func:`seqmix.parallel.allgather.allgather_moba` (all-gather KV;
 the layer runs it through ``SequenceParallel.family_op``).
@@ -264,7 +265,7 @@ DOC = _op_docs.compose(
                            "``segment_ids``; sequence parallelism passes the gathered ones).",
      "block_q": "query tile of the xla form (a multiple of 8).",
      "block_kv": "key tile of the xla form (a multiple of 8).",
-     "impl": "None (automatic), or ``\"reference\"``, ``\"xla\"``."},
+     "impl": "None (automatic), or ``\"reference\"``, ``\"xla\"``, ``\"pallas_tpu\"``."},
     "``o`` ``[B, Tq, Hq, Dv]`` in q's dtype, or ``(o, lse)`` with ``return_lse``.",
     """\
 import jax
@@ -293,10 +294,13 @@ def _allgather(*args, **kwargs):
     return allgather_moba(*args, **kwargs)
 
 
+# Imported here, below the gate and the call it reads (the kernel glue imports this module's names).
+from seqmix.ops.tpu import moba as _tpu_moba  # noqa: E402
+
 moba = _registry.define_family(
     FAMILY, kind="softmax", prepare=prepare_moba, doc=DOC,
     summary="MoBA: own block + top-k gated past blocks (mean-pooled keys), causal, packed documents, GQA.",
-    reference=moba_reference, xla=_moba_xla, describe=_describe,
+    reference=moba_reference, xla=_moba_xla, describe=_describe, kernels=(_tpu_moba.IMPLEMENTATION,),
     args=tuple(_registry.ArgSpec(n, "option", example=e) for n, e in (("block_size", 16), ("topk", 2))),
     decode_doc="moba_decode with MoBACache (full KV cache + running block sums)",
     sequence_parallel=("allgather",), sp_functions={"allgather": _allgather},

@@ -46,34 +46,30 @@ def _tiles(x, axis: int, block: int):
     return x.reshape(shape)
 
 
-def _metadata(call: MoBACall):
-    """Per-query and per-key int metadata, padded to whole tiles, and the gate's choice.
+def gate(call: MoBACall):
+    """The gate's choice for every query, by query tiles of ``block_q`` (the call's xla tile).
 
-    Returns a dict: q_pos ``[nt, bq]`` (-1 = padding), q_seg / q_blk ``[B, nt, bq]``, chosen
-    ``[B, Hkv, G, nt, bq, K]``, k_seg / k_blk ``[B, nu, bk]``, order ``[B, Hkv, G, nt, nu]`` (key
-    tiles, listed ones first, ascending), count ``[B, Hkv, G, nt]`` and unrankable ``[B, Hkv, G, Tq]``
-    (see :func:`seqmix.ops.moba.top_blocks`)."""
+    Returns ``(chosen, unrankable)``: int32 ``[B, Hkv, G, Tq, K]`` (``K = min(topk − 1, blocks)``, the
+    chosen past blocks of the query's document, best first, ``-1`` where fewer exist) and bool
+    ``[B, Hkv, G, Tq]`` (see :func:`seqmix.ops.moba.top_blocks`)."""
     a, bs = call.attention, call.block_size
     b, tq, hq, d = a.q.shape
     s, hkv = a.k.shape[1], a.k.shape[2]
     g = hq // hkv
-    bq, bk = a.block_q, a.block_kv
-    tp, sp = -(-tq // bq) * bq, -(-s // bk) * bk
-    nt, nu, nb = tp // bq, sp // bk, -(-s // bs)
+    bq = a.block_q
+    tp = -(-tq // bq) * bq
+    nt, nb = tp // bq, -(-s // bs)
     q_rel = jnp.broadcast_to(a.q_rel, (b, tq))
     kv_rel = jnp.broadcast_to(a.kv_rel, (b, s))
-    q_seg = jnp.zeros((b, tq), jnp.int32) if a.q_seg is None else a.q_seg
-    kv_seg = jnp.zeros((b, s), jnp.int32) if a.kv_seg is None else a.kv_seg
 
-    # 1. block means by global block id (ids increase along the keys; at most S of them)
+    # block means by global block id (ids increase along the keys; at most S of them)
     gid = jnp.cumsum((kv_rel % bs == 0).astype(jnp.int32), axis=1) - 1  # [B, S]
     seg_sum = jax.vmap(lambda x, i: jax.ops.segment_sum(x, i, num_segments=s))
     sums = seg_sum(a.k.astype(jnp.float32), gid)  # [B, S(ids), Hkv, D]
     counts = seg_sum(jnp.ones((b, s), jnp.float32), gid)
     means = sums / jnp.maximum(counts, 1.0)[:, :, None, None]
 
-    # 2. gate per query tile on a window of block ids [first id of the tile's first document, + W)
-    q_pos = pad_to(a.q_pos, 0, tp, -1)
+    # per query tile, scores against a window of block ids [first id of the tile's first document, + W)
     q_blk = pad_to(q_rel // bs, 1, tp, 0)
     q_gid = jnp.take_along_axis(gid, jnp.clip(a.q_pos, 0, s - 1)[None].repeat(b, 0), axis=1)  # own block's id
     q_first = pad_to(q_gid - q_rel // bs, 1, tp, 0)  # id of block 0 of the query's document
@@ -87,29 +83,62 @@ def _metadata(call: MoBACall):
     shift = _tiles(q_first, 1, bq) - start[:, :, None]  # [B, nt, bq]; valid candidates stay inside W
     cand = jnp.clip(shift[..., None] + jnp.arange(nb), 0, w - 1)  # [B, nt, bq, nb]
     scores = jnp.take_along_axis(scores, cand[:, None, None], axis=-1)
-    chosen, unrankable = top_blocks(scores, _tiles(q_blk, 1, bq)[:, None, None], call.topk)  # [B, Hkv, G, nt, bq, K]
+    chosen, unrankable = top_blocks(scores, _tiles(q_blk, 1, bq)[:, None, None], call.topk)
+    chosen = chosen.reshape(b, hkv, g, tp, chosen.shape[-1])[:, :, :, :tq]
+    return chosen, unrankable.reshape(b, hkv, g, tp)[..., :tq]
 
-    # 3. key-tile lists: a difference array over each query's tile ranges (own block, chosen blocks)
-    doc0 = _tiles(pad_to(a.q_pos[None] - q_rel, 1, tp, 0), 1, bq)[:, None, None]  # document start
-    qb = _tiles(q_blk, 1, bq)[:, None, None]
-    real = (_tiles(q_pos, 0, bq) >= 0)  # [nt, bq]
-    rows = lambda x: jnp.broadcast_to(x, chosen.shape[:-1])[..., None]  # noqa: E731
-    lo = jnp.concatenate([rows(doc0 + qb * bs), doc0[..., None] + chosen * bs], -1)
-    hi = jnp.concatenate([rows(_tiles(q_pos, 0, bq)), doc0[..., None] + (chosen + 1) * bs - 1], -1)
-    use = jnp.concatenate([jnp.ones(chosen.shape[:-1] + (1,), bool), chosen >= 0], -1) & real[..., None]
+
+def listed_tiles(call: MoBACall, chosen, block_q: int, block_kv: int, padded_q: int, padded_kv: int):
+    """Which key tiles each query tile needs, per query head: bool ``[B, Hkv, G, nt, nu]`` for query
+    tiles of ``block_q`` (``nt = padded_q / block_q``) and key tiles of ``block_kv``
+    (``nu = padded_kv / block_kv``), by a difference array over each query's key ranges (its own
+    block up to itself; each chosen block). chosen: ``[B, Hkv, G, Tq, K]`` from :func:`gate`."""
+    a, bs = call.attention, call.block_size
+    b, tq = a.q.shape[:2]
+    bq, bk = block_q, block_kv
+    nt, nu = padded_q // bq, padded_kv // bk
+    q_rel = jnp.broadcast_to(a.q_rel, (b, tq))
+    tiles = lambda x, fill: _tiles(pad_to(x, x.ndim - 1, padded_q, fill), x.ndim - 1, bq)  # noqa: E731
+    ch = jnp.moveaxis(tiles(jnp.moveaxis(chosen, -1, -2), -1), -3, -1)  # [B, Hkv, G, nt, bq, K]
+    q_pos = tiles(a.q_pos, -1)  # [nt, bq]
+    doc0 = tiles(a.q_pos[None] - q_rel, 0)[:, None, None]  # document start [B, 1, 1, nt, bq]
+    qb = tiles(q_rel // bs, 0)[:, None, None]
+    rows = lambda x: jnp.broadcast_to(x, ch.shape[:-1])[..., None]  # noqa: E731
+    lo = jnp.concatenate([rows(doc0 + qb * bs), doc0[..., None] + ch * bs], -1)
+    hi = jnp.concatenate([rows(q_pos), doc0[..., None] + (ch + 1) * bs - 1], -1)
+    use = jnp.concatenate([jnp.ones(ch.shape[:-1] + (1,), bool), ch >= 0], -1) & (q_pos >= 0)[..., None]
     lo_t, hi_t = jnp.clip(lo // bk, 0, nu - 1), jnp.clip(hi // bk + 1, 0, nu)
     one = use.astype(jnp.int32)
-    shape = (b, hkv, g, nt, nu + 1)
+    shape = ch.shape[:4] + (nu + 1,)
     idx = tuple(jnp.broadcast_to(jnp.arange(n).reshape((n,) + (1,) * (lo.ndim - 1 - i)), lo.shape)
                 for i, n in enumerate(shape[:4]))
     diff = jnp.zeros(shape, jnp.int32).at[idx + (lo_t,)].add(one).at[idx + (hi_t,)].add(-one)
-    listed = jnp.cumsum(diff, -1)[..., :nu] > 0
+    return jnp.cumsum(diff, -1)[..., :nu] > 0
+
+
+def _metadata(call: MoBACall):
+    """Per-query and per-key int metadata, padded to whole tiles, and the gate's choice.
+
+    Returns a dict: q_pos ``[nt, bq]`` (-1 = padding), q_seg / q_blk ``[B, nt, bq]``, chosen
+    ``[B, Hkv, G, nt, bq, K]``, k_seg / k_blk ``[B, nu, bk]``, order ``[B, Hkv, G, nt, nu]`` (key
+    tiles, listed ones first, ascending), count ``[B, Hkv, G, nt]`` and unrankable ``[B, Hkv, G, Tq]``."""
+    a, bs = call.attention, call.block_size
+    b, tq = a.q.shape[:2]
+    s = a.k.shape[1]
+    bq, bk = a.block_q, a.block_kv
+    tp, sp = -(-tq // bq) * bq, -(-s // bk) * bk
+    q_rel = jnp.broadcast_to(a.q_rel, (b, tq))
+    kv_rel = jnp.broadcast_to(a.kv_rel, (b, s))
+    q_seg = jnp.zeros((b, tq), jnp.int32) if a.q_seg is None else a.q_seg
+    kv_seg = jnp.zeros((b, s), jnp.int32) if a.kv_seg is None else a.kv_seg
+    chosen, unrankable = gate(call)
+    listed = listed_tiles(call, chosen, bq, bk, tp, sp)
+    chosen_t = jnp.moveaxis(_tiles(pad_to(jnp.moveaxis(chosen, -1, -2), 4, tp, -1), 4, bq), -3, -1)
     order = jnp.argsort(~listed, axis=-1, stable=True).astype(jnp.int32)
-    k_seg = _tiles(pad_to(kv_seg, 1, sp, -1), 1, bk)
-    k_blk = _tiles(pad_to(kv_rel // bs, 1, sp, -1), 1, bk)
-    return {"q_pos": _tiles(q_pos, 0, bq), "q_seg": _tiles(pad_to(q_seg, 1, tp, -2), 1, bq),
-            "q_blk": _tiles(q_blk, 1, bq), "chosen": chosen, "k_seg": k_seg, "k_blk": k_blk,
-            "order": order, "count": listed.sum(-1), "unrankable": unrankable.reshape(b, hkv, g, tp)[..., :tq]}
+    return {"q_pos": _tiles(pad_to(a.q_pos, 0, tp, -1), 0, bq), "q_seg": _tiles(pad_to(q_seg, 1, tp, -2), 1, bq),
+            "q_blk": _tiles(pad_to(q_rel // bs, 1, tp, 0), 1, bq), "chosen": chosen_t,
+            "k_seg": _tiles(pad_to(kv_seg, 1, sp, -1), 1, bk), "k_blk": _tiles(pad_to(kv_rel // bs, 1, sp, -1), 1, bk),
+            "order": order, "count": listed.sum(-1), "unrankable": unrankable}
 
 
 def _slot(st: _Static, meta, j):

@@ -129,22 +129,28 @@ def test_neighborhood_attention_compiles(meshes, gen, grid, batch, opts):
     _check_kernels(compiled, gen)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("gen", ["v5e", "v5p", "v6e"])
-def test_moba_xla_compiles_at_the_issue_shape(meshes, gen):
-    """MoBA's ``xla`` form (the one TPU runs: there is no Pallas MoBA kernel yet) forward + backward at
-    ``[1, 32768, 16, 128]`` bf16, block 512, top-3: it compiles and its temporaries fit the smallest
-    chip's HBM (v5e, 16 GiB) with room for the model (well under half)."""
+@pytest.mark.parametrize("impl,gen", [pytest.param("pallas_tpu", "v5e"),
+                                      *(pytest.param(i, g, marks=pytest.mark.slow)
+                                        for i in ("pallas_tpu", "xla") for g in ("v5e", "v5p", "v6e")
+                                        if (i, g) != ("pallas_tpu", "v5e"))])
+def test_moba_compiles_at_the_issue_shape(meshes, impl, gen):
+    """MoBA forward + backward at ``[1, 32768, 16, 128]`` bf16, block 512, top-3: the Pallas kernels (per
+    (batch, kv head) step tables) and the ``xla`` form compile, the kernels within their VMEM limits, and
+    the temporaries fit the smallest chip's HBM (v5e, 16 GiB) with room for the model (well under half)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     mesh = meshes(gen)
     x = jax.ShapeDtypeStruct((1, 32768, 16, 128), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
 
     def loss(q, k, v):
-        return ops.moba(q, k, v, block_size=512, topk=3, impl="xla").astype(jnp.float32).sum()
+        return ops.moba(q, k, v, block_size=512, topk=3, impl=impl).astype(jnp.float32).sum()
 
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile()
+    if impl == "pallas_tpu":
+        vmem = _check_kernels(compiled, gen)
+        print(f"moba pallas_tpu {gen} VMEM used/limit MiB: "
+              + ", ".join(f"{n} {u / 2**20:.1f}/{lim / 2**20:.0f}" for n, (u, lim) in vmem.items()))
     temp = compiled.memory_analysis().temp_size_in_bytes
-    print(f"moba xla {gen} [1, 32768, 16, 128] bf16 block 512 top-3 fwd+bwd: temp {temp / 2**30:.2f} GiB")
+    print(f"moba {impl} {gen} [1, 32768, 16, 128] bf16 block 512 top-3 fwd+bwd: temp {temp / 2**30:.2f} GiB")
     assert 0 < temp < 8 << 30, temp

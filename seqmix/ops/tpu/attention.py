@@ -234,15 +234,16 @@ def block_kinds(chunk_cls, nc: int):
                      jnp.where(jnp.all(c == masks_lib.EMPTY, -1), masks_lib.EMPTY, masks_lib.PARTIAL))
 
 
-def _coords(pos, rel, seg, b, length):
-    """int32 [B, 8, length]: rows pos, rel, seg, zeros."""
-    rows = [jnp.broadcast_to(pos, (b, length)), jnp.broadcast_to(rel, (b, length)),
-            jnp.zeros((b, length), jnp.int32) if seg is None else seg]
-    rows += [jnp.zeros((b, length), jnp.int32)] * (fa.COORD_ROWS - len(rows))
-    return jnp.stack(rows, axis=1).astype(jnp.int32)
+def coordinate_rows(pos, rel, seg, lead: tuple[int, ...], length: int, extra=()):
+    """int32 ``[*lead, R, length]``: rows pos, rel, seg (0 without segments), the ``extra`` rows, then
+    zeros up to a multiple of 8 rows (whole sublane tiles). Each row broadcasts to ``[*lead, length]``."""
+    shape = tuple(lead) + (length,)
+    rows = [pos, rel, jnp.zeros((), jnp.int32) if seg is None else seg, *extra]
+    rows += [jnp.zeros((), jnp.int32)] * (-len(rows) % fa.COORD_ROWS)
+    return jnp.stack([jnp.broadcast_to(r, shape) for r in rows], axis=-2).astype(jnp.int32)
 
 
-def _chunk_major(coords, chunk: int):
+def chunk_major(coords, chunk: int):
     """[B, 8, S] -> [B, S/chunk, 8, chunk]."""
     b, r, s = coords.shape
     return coords.reshape(b, r, s // chunk, chunk).transpose(0, 2, 1, 3)
@@ -261,12 +262,12 @@ def _metadata(call: AttentionCall, p: _Plan):
     t = p.tiles
     chunks_f, cls_f = classify(t.block_q, t.block_kv, t.block_kv_compute)
     chunks_b, cls_b = classify(t.block_q_bwd, t.block_kv_bwd, t.block_kv_compute_bwd)
-    kv_coords = _coords(c.kv_pos, c.kv_rel, c.kv_seg, b, sp)
-    fwd = (step_lists(cls_f), chunks_f, _chunk_major(kv_coords, t.block_kv_compute))
+    kv_coords = coordinate_rows(c.kv_pos, c.kv_rel, c.kv_seg, (b,), sp)
+    fwd = (step_lists(cls_f), chunks_f, chunk_major(kv_coords, t.block_kv_compute))
     bwd = (step_lists(cls_b), step_lists(cls_b.T), chunks_b,
-           _chunk_major(kv_coords, t.block_kv_compute_bwd))
+           chunk_major(kv_coords, t.block_kv_compute_bwd))
     meta = (fwd, bwd)
-    return meta, _coords(c.q_pos, c.q_rel, c.q_seg, b, tp)
+    return meta, coordinate_rows(c.q_pos, c.q_rel, c.q_seg, (b,), tp)
 
 
 @functools.lru_cache(maxsize=512)
@@ -293,7 +294,7 @@ def default_density(mask, tq: int, s: int, bq: int, bkc: int, tp: int, sp: int) 
 # ----------------------------------------------------------------------------- implementation
 
 
-def _fp32_highest() -> bool:
+def fp32_highest() -> bool:
     """Whether fp32 matmuls should be exact: ``jax_default_matmul_precision`` is highest / float32
     (FAMILIES.md §5.1 rule 8; seqmix's tests set it). Mosaic's own default uses fewer passes."""
     prec = jax.config.jax_default_matmul_precision
@@ -305,7 +306,7 @@ def _config(call: AttentionCall, p: _Plan) -> fa.FlashConfig:
     return fa.FlashConfig(scale=float(call.scale), soft_cap=call.soft_cap, pair_fn=pair_fn,
                           has_sinks=call.sink_logits is not None,
                           tiles=p.tiles, vmem_limit_bytes=p.vmem_limit_bytes,
-                          interpret=_target.interpret_params(), fp32_highest=_fp32_highest(),
+                          interpret=_target.interpret_params(), fp32_highest=fp32_highest(),
                           density=default_density(call.mask, call.q.shape[1], call.k.shape[1],
                                                   p.tiles.block_q, p.tiles.block_kv_compute,
                                                   p.padded_q, p.padded_kv))
@@ -349,11 +350,17 @@ def supports(call: AttentionCall) -> str | None:
         p = plan(call)
     except NotImplementedError as err:
         return str(err)
+    return metadata_problem(p, tables=1)
+
+
+def metadata_problem(p: _Plan, tables: int) -> str | None:
+    """None if ``tables`` chunk tables of plan ``p`` fit the SMEM budget, else why not."""
     t = p.tiles
     n_fwd = (p.padded_q // t.block_q) * (p.padded_kv // t.block_kv_compute)
     n_bwd = (p.padded_q // t.block_q_bwd) * (p.padded_kv // t.block_kv_compute_bwd)
-    if max(n_fwd, n_bwd) > MAX_STEP_ENTRIES:
-        return (f"{max(n_fwd, n_bwd)} (q block, kv chunk) pairs exceed the {MAX_STEP_ENTRIES} "
+    n = tables * max(n_fwd, n_bwd)
+    if n > MAX_STEP_ENTRIES:
+        return (f"{n} (q block, kv chunk) pairs ({tables} table(s)) exceed the {MAX_STEP_ENTRIES} "
                 "int32 metadata entries kept in SMEM; use larger tiles or ring attention")
     return None
 
