@@ -123,9 +123,11 @@ def is_interpreting() -> bool:
 
 
 def backend_problem(backend: str) -> str | None:
-    """None if kernels of ``backend`` (``"tpu"``) can run for the current target, else why not.
+    """None if kernels of ``backend`` (``"tpu"``, ``"gpu"``) can run for the current target, else why not.
 
     A TPU kernel runs compiled on a TPU target and interpreted on a CPU target; a GPU target can do neither.
+    A ``"gpu"`` implementation (a GPU library call such as cuDNN) needs a GPU target (a GPU, or an abstract
+    GPU mesh under ahead-of-time lowering).
     """
     target = current()
     if backend == "tpu":
@@ -133,6 +135,11 @@ def backend_problem(backend: str) -> str | None:
             return None
         return (f"Pallas TPU kernels need a TPU (or interpret mode on CPU); this trace targets "
                 f"{target.platform} ({target.device_kind})")
+    if backend == "gpu":
+        if target.platform == "gpu":
+            return None
+        return f"needs a GPU target; this trace targets {target.platform}" + (
+            f" ({target.device_kind})" if target.device_kind else "")
     return f"unknown kernel backend {backend!r}"
 
 

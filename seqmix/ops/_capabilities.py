@@ -5,19 +5,35 @@ from the same records: an implementation's evidence labels are the modes the sui
 (``cpu``: natively against the reference; ``tpu:interpret``: the Pallas TPU interpreter on CPU;
 ``tpu:aot``: ahead-of-time Mosaic compiles for v5e, v5p and v6e at ``[2, 8192, 16, 128]`` bf16); every
 family with a decode step gets decode-vs-parallel cases, and every sequence-parallel strategy it names
-gets cases on 8 simulated CPU devices. ``-`` means nothing is claimed.
+gets cases on 8 simulated CPU devices. ``gpu:aot``: an ahead-of-time compile for an H100 at production
+shapes (``tests/conformance/test_gpu_compile.py``); ``gpu:device``: real-GPU passes recorded in
+``seqmix/ops/gpu/device_results.json``. ``-`` means nothing is claimed (also for an implementation whose
+evidence is empty: registered, callable by name, never chosen automatically).
 """
 
 from __future__ import annotations
 
-from seqmix.ops._registry import FAMILIES
+from seqmix.ops._registry import FAMILIES, evidence_of
 
-IMPL_COLUMNS = ("reference", "xla", "pallas_tpu", "pallas_gpu")
-MATRIX_COLUMNS = IMPL_COLUMNS + ("decode", "sequence parallel", "modules (mixers)")
+BASE_IMPL_COLUMNS = ("reference", "xla", "pallas_tpu", "pallas_gpu")  # always shown, in this order
+OTHER_COLUMNS = ("decode", "sequence parallel", "modules (mixers)")
+
+
+def impl_columns(families=None) -> tuple[str, ...]:
+    """The base implementation columns, then every other implementation name registered for
+    ``families`` (default: all), by rank then name."""
+    names = {}
+    for name in sorted(FAMILIES) if families is None else families:
+        for impl in FAMILIES[name].implementations.values():
+            if impl.name not in BASE_IMPL_COLUMNS:
+                names[impl.name] = min(impl.rank, names.get(impl.name, impl.rank))
+    return BASE_IMPL_COLUMNS + tuple(sorted(names, key=lambda n: (names[n], n)))
 
 
 def evidence_cell(evidence) -> str:
-    """``("tpu:interpret", "tpu:aot")`` -> ``"tpu:interpret+aot"``; ``("cpu",)`` -> ``"cpu"``."""
+    """``("tpu:interpret", "tpu:aot")`` -> ``"tpu:interpret+aot"``; ``("cpu",)`` -> ``"cpu"``; ``()`` -> ``"-"``."""
+    if not evidence:
+        return "-"
     groups: dict[str, list[str]] = {}
     for label in evidence:
         platform, _, mode = label.partition(":")
@@ -35,12 +51,13 @@ def shipped_families() -> list[str]:
 def capability_rows(families=None) -> list[dict[str, str]]:
     """One row per family (default: every registered one; see the module docstring for the cells)."""
     rows = []
+    columns = impl_columns(families)
     for name in sorted(FAMILIES) if families is None else families:
         fam = FAMILIES[name]
         row = {"family": name}
-        for col in IMPL_COLUMNS:
+        for col in columns:
             impl = fam.implementations.get(col)
-            row[col] = evidence_cell(impl.evidence) if impl else "-"
+            row[col] = evidence_cell(evidence_of(name, impl)) if impl else "-"
         decode = fam.decode_doc or (getattr(fam.decode, "__name__", "") if fam.decode else "")
         row["decode"] = f"{decode} · cpu" if decode else "-"
         row["sequence parallel"] = (", ".join(sorted(fam.sequence_parallel)) + " · cpu×8") if fam.sequence_parallel else "-"
@@ -52,7 +69,7 @@ def capability_rows(families=None) -> list[dict[str, str]]:
 
 
 def capability_markdown(families=None) -> str:
-    header = ("family",) + MATRIX_COLUMNS
+    header = ("family",) + impl_columns(families) + OTHER_COLUMNS
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in capability_rows(families):
         lines.append("| " + " | ".join(f"`{row['family']}`" if c == "family" else row[c] for c in header) + " |")

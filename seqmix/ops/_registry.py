@@ -24,6 +24,7 @@ from typing import Any, Callable
 import jax
 
 from pallas_kernels import _target
+from seqmix.ops.gpu import device_results
 
 Supports = Callable[[Any], "str | None"]
 
@@ -31,7 +32,10 @@ Supports = Callable[[Any], "str | None"]
 #   cpu            run natively on this CPU machine against the reference
 #   tpu:interpret  Pallas TPU interpreter on CPU against the reference
 #   tpu:aot        ahead-of-time Mosaic compile for TPU v5e, v5p, v6e at production shapes (libtpu)
-#   gpu:interpret, gpu:aot, tpu:device, gpu:device: reserved for the GPU backend and lent devices
+#   gpu:aot        ahead-of-time compile for an H100 at production shapes (the gpu-compile extra)
+#   gpu:interpret, tpu:device: reserved for the GPU backend and lent devices
+#   gpu:device     real-GPU passes, recorded per call case in seqmix/ops/gpu/device_results.json (never
+#                  claimed in code: :func:`evidence_of` adds it from the record, dispatch checks the case)
 EVIDENCE = ("cpu", "tpu:interpret", "tpu:aot", "gpu:interpret", "gpu:aot", "tpu:device", "gpu:device")
 # Which evidence lets automatic dispatch choose an implementation on a platform (numerics checked for it).
 AUTO_EVIDENCE = {"cpu": ("cpu",), "tpu": ("tpu:interpret", "tpu:device"), "gpu": ("gpu:device",)}
@@ -57,6 +61,11 @@ class Implementation:
     supports: ``supports(call) -> None`` if it can serve the call, else a reason (str).
     auto: whether automatic dispatch may pick it (the reference never is: it is the spec).
     describe: ``describe(call) -> str``, the settings it would use (for :func:`explain`).
+    device_case: ``device_case(call) -> str``, the key a real-device test records for a call it passed
+      (``seqmix/ops/gpu/device_results.json``); None: the implementation as a whole (key ``"*"``).
+    any_mask: whether it evaluates any mask predicate (families that run on ``attention`` with a mask of
+      their own, like neighborhood attention, take only these); False for a library call that knows a
+      fixed set of mask kinds (cuDNN).
     """
 
     name: str
@@ -67,11 +76,16 @@ class Implementation:
     supports: Supports = _always
     auto: bool = True
     describe: Callable[[Any], str] | None = None
+    device_case: Callable[[Any], str] | None = None
+    any_mask: bool = True
 
     def __post_init__(self):
         unknown = [e for e in self.evidence if e not in EVIDENCE]
         if unknown:
             raise ValueError(f"implementation {self.name!r}: unknown evidence {unknown}; known: {list(EVIDENCE)}")
+        if device_results.LABEL in self.evidence:
+            raise ValueError(f"implementation {self.name!r}: {device_results.LABEL} evidence comes only from "
+                             f"recorded real-GPU results ({device_results.RESULTS.name}), not from code")
 
     def tested_for(self, platform: str) -> bool:
         return any(e in AUTO_EVIDENCE.get(platform, ()) for e in self.evidence)
@@ -260,9 +274,22 @@ def _reason(fam: Family, name: str, call, platform: str, automatic: bool) -> str
         if problem:
             return problem
     if automatic and not impl.tested_for(platform):
-        return (f"no conformance evidence for platform {platform!r} (evidence: {', '.join(impl.evidence)}; "
+        if platform == "gpu":
+            reason = impl.supports(call)  # a call it cannot serve needs no device record
+            if reason is not None:
+                return reason
+            case = impl.device_case(call) if impl.device_case else None
+            return device_results.problem(fam.name, name, case, _target.current().device_kind)
+        return (f"no conformance evidence for platform {platform!r} (evidence: {', '.join(impl.evidence) or 'none'}; "
                 f"automatic dispatch needs one of {', '.join(AUTO_EVIDENCE.get(platform, ()))})")
     return impl.supports(call)
+
+
+def evidence_of(family: str, impl: Implementation) -> tuple[str, ...]:
+    """The evidence the capability matrix shows: the implementation's own labels plus ``gpu:device``
+    where real-GPU passes are recorded for it (``seqmix.ops.gpu.device_results``)."""
+    recorded = device_results.evidence(family, impl.name)
+    return impl.evidence + tuple(e for e in recorded if e not in impl.evidence)
 
 
 def resolve(family: str, impl, call) -> tuple[Implementation, list[tuple[str, str]]]:

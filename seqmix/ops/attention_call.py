@@ -38,6 +38,9 @@ class AttentionCall:
     return_lse: bool
     block_q: int
     block_kv: int
+    # True when no positions were passed (kv 0..S-1, queries bottom-right aligned, relative positions
+    # from the segments): implementations that take no positions (cuDNN) can serve only such calls.
+    default_positions: bool = False
 
     @property
     def groups(self) -> int:
@@ -83,6 +86,8 @@ def prepare_attention(q, k, v, *, mask=None, segment_ids=None, scale=None, sink_
     if sink_logits is not None:
         _checks.require_float("sink_logits", sink_logits)
         _checks.require_shape("sink_logits", sink_logits, (hq,), "[q_heads]")
+    q_positions_given, kv_positions_given = q_positions is not None, kv_positions is not None
+    relative_given = relative_positions is not None
     if q_positions is None:
         q_positions = s - tq + jnp.arange(tq, dtype=jnp.int32)
     if kv_positions is None:
@@ -118,7 +123,8 @@ def prepare_attention(q, k, v, *, mask=None, segment_ids=None, scale=None, sink_
             raise ValueError(f"{name} must be a positive multiple of 8; got {val!r}")
     return AttentionCall(q, k, v, mask, q_pos, kv_pos, q_rel, kv_rel, q_seg, kv_seg, scale,
                          sink_logits, soft_cap, bool(return_lse), _default_block(tq, block_q),
-                         _default_block(s, block_kv))
+                         _default_block(s, block_kv),
+                         default_positions=not (q_positions_given or kv_positions_given or relative_given))
 
 
 def finish(call: AttentionCall, o, lse):

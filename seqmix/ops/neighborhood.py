@@ -139,7 +139,9 @@ def neighborhood_flops(call: NeighborhoodCall) -> float:
 
 
 _PORTABLE = ("reference", "xla")  # define_family registers these two; the kernels keep their own evidence
-_KERNELS = tuple(_on_attention(n) for n in _registry.get_family(ATTENTION).implementations if n not in _PORTABLE)
+_KERNELS = tuple(_on_attention(n) for n, impl in _registry.get_family(ATTENTION).implementations.items()
+                 if n not in _PORTABLE and impl.any_mask)
+
 
 def neighborhood_decode(q, k, v, cache, *, mask, scale=None, impl=None):
     """Append whole frames of a video (or any grid causal along its first axis) and attend from them.

@@ -14,7 +14,8 @@ from pallas_kernels import _target
 from seqmix.ops import _registry
 
 NUMERIC_MODES = ("cpu", "tpu:interpret")  # run against the reference here
-COMPILE_MODES = ("tpu:aot",)  # ahead-of-time compiles at production shapes (tests/conformance/test_tpu_compile.py)
+# ahead-of-time compiles at production shapes (tests/conformance/test_tpu_compile.py, test_gpu_compile.py)
+COMPILE_MODES = ("tpu:aot", "gpu:aot")
 RUNNERS = NUMERIC_MODES + COMPILE_MODES
 
 

@@ -1,0 +1,86 @@
+"""Compile report for an H100 (ahead of time, on this CPU host): the table of ``docs/gpu_compile_report.md``.
+
+For every ``gpu:aot`` implementation in the registry and every production config of
+``tests/conformance/test_gpu_compile.py`` (``[2, 8192, H, 128]`` bf16: causal, GQA 32:8, window 4096),
+forward and forward + backward: compiled or not (with the error), compile seconds, the compiled
+program's custom calls, XLA's memory analysis, and per Mosaic GPU kernel ptxas's registers, spills and
+shared memory. Needs the ``gpu-compile`` extra (``gpu-compile-cudnn`` for cuDNN):
+
+    .venv-gpu/bin/python experiments/gpu_compile_report.py [--out table.md]   # prints the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+
+from pallas_kernels.gpu import aot  # noqa: E402
+from tests.conformance import test_gpu_compile as cases  # noqa: E402
+
+_CUDNN_FIELDS = re.compile(r'"mask_type": "(\w+)".*?"sliding_window_length": (\d+)', re.S)
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def _cudnn_note(compiled) -> str:
+    text = compiled.as_text() if compiled is not None else ""
+    notes = sorted({f"{m.group(1)}, window {m.group(2)}" for m in _CUDNN_FIELDS.finditer(text)})
+    return "; ".join(notes)
+
+
+def rows():
+    out = []
+    for cell, config, mode in cases.CASES:
+        family, impl, _ = cell
+        cfg = cases.CONFIGS[family][config]
+        q = ((cfg.batch, cfg.seq, cfg.q_heads, cfg.head_dim), jax.numpy.bfloat16)
+        kv = ((cfg.batch, cfg.seq, cfg.kv_heads, cfg.head_dim), jax.numpy.bfloat16)
+        r = aot.compile_for_h100(cases._program(family, impl, cfg, mode), [q, kv, kv], keep_compiled=True)
+        kernels = "; ".join(f"{k.name}: {k.registers} regs, {k.spill_stores}/{k.spill_loads} B spill st/ld, "
+                            f"smem {k.smem_bytes or 0} + {k.shared_bytes} B" for k in r.kernels)
+        out.append({"impl": f"{family}/{impl}", "config": f"{config} H={cfg.q_heads}:{cfg.kv_heads}",
+                    "mode": mode, "ok": "yes" if r.ok else f"no: {r.error.splitlines()[0][:160]}",
+                    "s": f"{r.seconds:.1f}", "calls": ", ".join(f"`{c}`" for c in r.custom_calls) or "-",
+                    "lib": _cudnn_note(r.compiled) or "-", "kernels": kernels or "n/a (no Mosaic GPU kernel)",
+                    "arg": _mib(r.memory.get("argument_size_in_bytes")), "temp": _mib(r.memory.get("temp_size_in_bytes"))})
+        print(f"{family}/{impl} {config} {mode}: {out[-1]['ok']} ({r.seconds:.1f}s)", file=sys.stderr, flush=True)
+    return out
+
+
+def markdown(table) -> str:
+    head = ["implementation", "config", "mode", "compiled", "seconds", "custom calls", "cuDNN mask",
+            "Mosaic GPU kernels (ptxas)", "args MiB", "temp MiB"]
+    keys = ["impl", "config", "mode", "ok", "s", "calls", "lib", "kernels", "arg", "temp"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r[k] for k in keys) + " |" for r in table]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="also write the table here")
+    args = parser.parse_args(argv)
+    problem = aot.missing()
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    text = f"jax {jax.__version__}, target {aot.TARGET_CONFIG.name}\n\n" + markdown(rows())
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

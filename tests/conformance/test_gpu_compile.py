@@ -1,0 +1,84 @@
+"""Ahead-of-time compiles for an NVIDIA H100 (evidence ``gpu:aot``), generated from the registry.
+
+For every implementation whose record names ``gpu:aot``: forward, and forward + backward
+(``value_and_grad`` of ``sum(o)`` over q, k, v), at production shapes ``[2, 8192, H, 128]`` bf16 (causal
+16 heads, GQA 32:8, causal window 4096), lowered and compiled inside one ``jax.jit`` for the H100 target
+described in ``pallas_kernels/gpu/h100_target_config.txtpb`` (``pallas_kernels.gpu.aot``; ptxas compiles
+Mosaic GPU kernels, whose register / spill / shared-memory figures are checked). The named implementation
+must serve the call (it fails loudly otherwise) and the compiled program must call a GPU kernel or library.
+A cuDNN call stays opaque here (XLA builds cuDNN graphs only with a device): these cases check jax's
+lowering and XLA's compile around it, not cuDNN's engine choice.
+
+Needs the ``gpu-compile`` extra (``gpu-compile-cudnn`` for cuDNN); skipped, with the reason, without it.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.gpu import aot
+from seqmix.ops import _registry
+from seqmix.ops import masks as M
+from tests.conformance import plan
+
+pytestmark = [pytest.mark.gpu_compile, pytest.mark.slow]
+
+CELLS = plan.cells(modes=("gpu:aot",))
+MAX_REGISTERS = 255  # per thread on sm_90
+MAX_SMEM = 232448  # opt-in shared memory per block on an H100 (the target config)
+_NO_CUDNN = ("cuDNN not found", "cuDNN is not detected")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    q_heads: int
+    kv_heads: int
+    mask: object
+    batch: int = 2
+    seq: int = 8192
+    head_dim: int = 128
+
+
+# Production shapes per family (a family with gpu:aot evidence and no entry here fails the plan).
+CONFIGS = {
+    "attention": {"causal": Config(16, 16, M.Causal()), "gqa": Config(32, 8, M.Causal()),
+                  "window": Config(16, 16, M.LocalWindow(4096))},
+}
+CASES = [(cell, name, mode) for cell in CELLS for name in CONFIGS.get(cell[0], {"missing": None})
+         for mode in ("fwd", "fwd+bwd")]
+
+
+def _program(family, impl, cfg, mode):
+    op = _registry.get_family(family).op
+
+    def forward(q, k, v):
+        return op(q, k, v, mask=cfg.mask, impl=impl)
+
+    if mode == "fwd":
+        return forward
+    return jax.value_and_grad(lambda q, k, v: forward(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+
+
+@pytest.mark.parametrize("cell, config, mode", CASES,
+                         ids=[f"{plan.cell_id(c)}-{n}-{m}" for c, n, m in CASES])
+def test_compiles_for_h100(cell, config, mode):
+    problem = aot.missing()
+    if problem:
+        pytest.skip(problem)
+    family, impl, _ = cell
+    assert config in CONFIGS.get(family, {}), f"{family}: no production-shape gpu:aot config (add one to CONFIGS)"
+    cfg = CONFIGS[family][config]
+    q = ((cfg.batch, cfg.seq, cfg.q_heads, cfg.head_dim), jnp.bfloat16)
+    kv = ((cfg.batch, cfg.seq, cfg.kv_heads, cfg.head_dim), jnp.bfloat16)
+    report = aot.compile_for_h100(_program(family, impl, cfg, mode), [q, kv, kv])
+    if not report.ok and any(s in report.error for s in _NO_CUDNN):
+        pytest.skip(f"libcudnn is not loadable (jax checks its version while tracing): install the "
+                    f"gpu-compile-cudnn extra ({report.error[:120]})")
+    assert report.ok, report.error
+    assert report.custom_calls, "the compiled program calls no GPU kernel or library"
+    for k in report.kernels:  # Mosaic GPU kernels: ptxas's figures
+        assert k.registers <= MAX_REGISTERS and k.spill_stores == 0 and k.spill_loads == 0, k
+        assert (k.smem_bytes or 0) + k.shared_bytes <= MAX_SMEM, k
+    assert report.memory.get("argument_size_in_bytes", 0) > 0, report.memory
