@@ -44,12 +44,12 @@ def rows():
     for cell, config, mode in cases.CASES:
         family, impl, _ = cell
         cfg = cases.CONFIGS[family][config]
-        q = ((cfg.batch, cfg.seq, cfg.q_heads, cfg.head_dim), jax.numpy.bfloat16)
-        kv = ((cfg.batch, cfg.seq, cfg.kv_heads, cfg.head_dim), jax.numpy.bfloat16)
+        q, kv = (cfg.q_shape, jax.numpy.bfloat16), (cfg.kv_shape, jax.numpy.bfloat16)
         r = aot.compile_for_h100(cases._program(family, impl, cfg, mode), [q, kv, kv], keep_compiled=True)
         kernels = "; ".join(f"{k.name}: {k.registers} regs, {k.spill_stores}/{k.spill_loads} B spill st/ld, "
                             f"smem {k.smem_bytes or 0} + {k.shared_bytes} B" for k in r.kernels)
-        out.append({"impl": f"{family}/{impl}", "config": f"{config} H={cfg.q_heads}:{cfg.kv_heads}",
+        shape = f"{list(cfg.q_shape)}" + (f" kv {list(cfg.kv_shape)}" if cfg.kv_shape != cfg.q_shape else "")
+        out.append({"impl": f"{family}/{impl}", "config": f"{config} {shape}",
                     "mode": mode, "ok": "yes" if r.ok else f"no: {r.error.splitlines()[0][:160]}",
                     "s": f"{r.seconds:.1f}", "calls": ", ".join(f"`{c}`" for c in r.custom_calls) or "-",
                     "lib": _cudnn_note(r.compiled) or "-", "kernels": kernels or "n/a (no Mosaic GPU kernel)",

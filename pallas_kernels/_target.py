@@ -34,7 +34,7 @@ try:  # the location of InterpretParams moved over jax versions; the public name
 except ImportError:  # pragma: no cover - a jax without Pallas TPU
     _pltpu = None
 
-MODES = ("compiled", "tpu", "hlo", "tpu_races")
+MODES = ("compiled", "tpu", "hlo", "tpu_races", "gpu_races")
 PLATFORMS = ("cpu", "gpu", "tpu")
 _state = threading.local()
 
@@ -122,10 +122,31 @@ def is_interpreting() -> bool:
     return interpret_params() is not None
 
 
+def gpu_interpret_params():
+    """The ``interpret=`` argument for a Mosaic GPU kernel (``plgpu.kernel``): None (compile) for a GPU
+    target; on any other target the Mosaic GPU interpreter (simulated GMEM/SMEM, warpgroups, barriers,
+    TMA and wgmma), with its race detector in mode ``"gpu_races"``."""
+    if platform() == "gpu":
+        return None
+    return gpu_interpreter(detect_races=_mode() == "gpu_races")
+
+
+def gpu_interpreter(**kwargs):
+    """``InterpretGPUParams(**kwargs)``: public as ``plgpu.InterpretGPUParams`` on jax >= 0.11, private on 0.10."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    cls = getattr(plgpu, "InterpretGPUParams", None)
+    if cls is None:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
+    return cls(**kwargs)
+
+
 def backend_problem(backend: str) -> str | None:
-    """None if kernels of ``backend`` (``"tpu"``, ``"gpu"``) can run for the current target, else why not.
+    """None if kernels of ``backend`` (``"tpu"``, ``"mosaic_gpu"``, ``"gpu"``) can run for the current
+    target, else why not.
 
     A TPU kernel runs compiled on a TPU target and interpreted on a CPU target; a GPU target can do neither.
+    A Mosaic GPU kernel runs compiled on a GPU target and in the Mosaic GPU interpreter on a CPU target.
     A ``"gpu"`` implementation (a GPU library call such as cuDNN) needs a GPU target (a GPU, or an abstract
     GPU mesh under ahead-of-time lowering).
     """
@@ -134,6 +155,11 @@ def backend_problem(backend: str) -> str | None:
         if target.platform in ("tpu", "cpu"):
             return None
         return (f"Pallas TPU kernels need a TPU (or interpret mode on CPU); this trace targets "
+                f"{target.platform} ({target.device_kind})")
+    if backend == "mosaic_gpu":
+        if target.platform in ("gpu", "cpu"):
+            return None
+        return (f"Mosaic GPU kernels need a GPU (or the Mosaic GPU interpreter on CPU); this trace targets "
                 f"{target.platform} ({target.device_kind})")
     if backend == "gpu":
         if target.platform == "gpu":

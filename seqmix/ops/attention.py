@@ -11,7 +11,8 @@ to ``-inf`` before ``exp``; a per-head sink logit ``b_h`` joins the denominator 
 allowed key gives ``o = 0`` and ``lse = -inf`` (``b_h`` with a sink logit) and zero, finite gradients.
 
 Implementations: ``reference`` (materialized fp32 softmax, here), ``xla``
-(:mod:`seqmix.ops.attention_xla`), ``pallas_tpu`` (:mod:`seqmix.ops.tpu.attention`), ``cudnn`` (:mod:`seqmix.ops.gpu.attention_cudnn`).
+(:mod:`seqmix.ops.attention_xla`), ``pallas_tpu`` (:mod:`seqmix.ops.tpu.attention`), ``pallas_gpu`` (:mod:`seqmix.ops.gpu.attention`),
+``cudnn`` (:mod:`seqmix.ops.gpu.attention_cudnn`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from seqmix.ops import _op_docs, _registry, block_meta
 from seqmix.ops.attention_call import AttentionCall, finish, prepare_attention
 from seqmix.ops.attention_xla import attention_xla
 from seqmix.ops.kv_cache import KVCache, cache_size_for, init_kv_cache, kv_cache_overflow, update_kv_cache
+from seqmix.ops.gpu import attention as gpu_attention
 from seqmix.ops.gpu import attention_cudnn
 from seqmix.ops.tpu import attention as tpu_attention
 
@@ -176,7 +178,7 @@ DOC = _op_docs.compose(
      "block_kv": "key rows per block of the chunked form (a multiple of 8).",
      "impl": "``None`` (the fastest implementation with test evidence on this platform, else ``\"xla\"``), "
              "or a name: ``\"reference\"`` (materialized fp32 softmax), ``\"xla\"`` (online softmax over "
-             "blocks, O(T·block) memory), ``\"pallas_tpu\"``, ``\"cudnn\"`` (GPU: "
+             "blocks, O(T·block) memory), ``\"pallas_tpu\"``, ``\"pallas_gpu\"`` (Mosaic GPU kernels), ``\"cudnn\"`` (GPU: "
              "``jax.nn.dot_product_attention(implementation=\"cudnn\")``). ``seqmix.ops.explain`` says which runs and why."},
     "``o`` ``[B, Tq, Hq, Dv]`` in the input dtype, or ``(o, lse)`` with ``lse`` float32 ``[B, Hq, Tq]`` when "
     "``return_lse=True``.",
@@ -204,7 +206,7 @@ attention = _registry.define_family(
     summary="Softmax attention with composable masks, packed documents, GQA/MQA, sink logits and soft cap.",
     reference=attention_reference, xla=attention_xla,
     describe=lambda c: f"block_q={c.block_q}, block_kv={c.block_kv}",
-    kernels=(tpu_attention.IMPLEMENTATION, attention_cudnn.IMPLEMENTATION),
+    kernels=(tpu_attention.IMPLEMENTATION, gpu_attention.IMPLEMENTATION, attention_cudnn.IMPLEMENTATION),
     args=(_registry.ArgSpec("mask", "option"),
           _registry.ArgSpec("sink_logits", "per_head", ("H",), gate=None),
           _registry.ArgSpec("soft_cap", "option")),

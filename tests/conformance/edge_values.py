@@ -293,9 +293,10 @@ def params(modes):
 
     out = []
     for family, impl, mode in plan.cells(modes=modes):
-        marks = [pytest.mark.interpret] if mode == "tpu:interpret" else []
+        interpreted = mode.endswith(":interpret")
+        marks = [pytest.mark.interpret] if interpreted else []
         for name in case_names(_registry.get_family(family)):
-            if mode == "tpu:interpret" and name not in INTERPRET_CASES:
+            if interpreted and name not in INTERPRET_CASES:
                 continue
             out.append(pytest.param(family, impl, mode, name, id=f"{family}-{impl}-{mode}-{name}", marks=marks))
     return out

@@ -13,7 +13,7 @@ import contextlib
 from pallas_kernels import _target
 from seqmix.ops import _registry
 
-NUMERIC_MODES = ("cpu", "tpu:interpret")  # run against the reference here
+NUMERIC_MODES = ("cpu", "tpu:interpret", "gpu:interpret")  # run against the reference here
 # ahead-of-time compiles at production shapes (tests/conformance/test_tpu_compile.py, test_gpu_compile.py)
 COMPILE_MODES = ("tpu:aot", "gpu:aot")
 RUNNERS = NUMERIC_MODES + COMPILE_MODES
@@ -21,8 +21,9 @@ RUNNERS = NUMERIC_MODES + COMPILE_MODES
 
 @contextlib.contextmanager
 def mode_context(mode: str):
-    """Run a numeric mode: natively (``cpu``) or in the Pallas TPU interpreter (``tpu:interpret``)."""
-    if mode == "cpu":
+    """Run a numeric mode: natively (``cpu``), in the Pallas TPU interpreter (``tpu:interpret``) or in the
+    Mosaic GPU interpreter (``gpu:interpret``: a CPU trace runs Mosaic GPU kernels there by itself)."""
+    if mode in ("cpu", "gpu:interpret"):
         yield
     elif mode == "tpu:interpret":
         with _target.force("tpu"):

@@ -1,7 +1,7 @@
 """Edge values for every family x implementation x numeric mode (rules: tests/conformance/edge_values.py
 and FAMILIES.md §5.5). One module, so the references are computed once per process for every cell.
 
-Interpret-mode cells (the Pallas TPU kernels simulated on CPU, seconds per call) run the non-finite,
+Interpret-mode cells (Pallas TPU or Mosaic GPU kernels simulated on CPU, seconds per call) run the non-finite,
 extreme-gate and masked-row-with-sinks cases (``edge_values.INTERPRET_CASES``), the last two with
 gradients, which exercise the kernels' own backward passes.
 """
@@ -10,9 +10,10 @@ import pytest
 
 from seqmix.ops import _registry
 from tests.conformance import edge_values as ev
+from tests.conformance import plan
 
 
-@pytest.mark.parametrize("family,impl,mode,case_name", ev.params(("cpu", "tpu:interpret")))
+@pytest.mark.parametrize("family,impl,mode,case_name", ev.params(plan.NUMERIC_MODES))
 def test_edge_values(family, impl, mode, case_name):
     ev.run_cell(family, impl, mode, case_name)
 

@@ -1,8 +1,9 @@
 """Ahead-of-time compiles for an NVIDIA H100 (evidence ``gpu:aot``), generated from the registry.
 
 For every implementation whose record names ``gpu:aot``: forward, and forward + backward
-(``value_and_grad`` of ``sum(o)`` over q, k, v), at production shapes ``[2, 8192, H, 128]`` bf16 (causal
-16 heads, GQA 32:8, causal window 4096), lowered and compiled inside one ``jax.jit`` for the H100 target
+(``value_and_grad`` of ``sum(o)`` over q, k, v), at production shapes in bf16 (:data:`CONFIGS`: attention
+``[2, 8192, H, 128]`` causal 16 heads, GQA 32:8, causal window 4096; neighborhood attention 2-D
+``[2, 64, 64, 8, 128]`` kernel 7), lowered and compiled inside one ``jax.jit`` for the H100 target
 described in ``pallas_kernels/gpu/h100_target_config.txtpb`` (``pallas_kernels.gpu.aot``; ptxas compiles
 Mosaic GPU kernels, whose register / spill / shared-memory figures are checked). The named implementation
 must serve the call (it fails loudly otherwise) and the compiled program must call a GPU kernel or library.
@@ -33,36 +34,53 @@ _NO_CUDNN = ("cuDNN not found", "cuDNN is not detected")
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    q_heads: int
-    kv_heads: int
-    mask: object
-    batch: int = 2
-    seq: int = 8192
-    head_dim: int = 128
+    """One production call: q / kv shapes (bf16) and the op's keyword arguments."""
+
+    q_shape: tuple[int, ...]
+    kv_shape: tuple[int, ...]
+    options: dict
+
+
+def _mha(q_heads: int, kv_heads: int, mask) -> Config:
+    return Config((2, 8192, q_heads, 128), (2, 8192, kv_heads, 128), {"mask": mask})
 
 
 # Production shapes per family (a family with gpu:aot evidence and no entry here fails the plan).
 CONFIGS = {
-    "attention": {"causal": Config(16, 16, M.Causal()), "gqa": Config(32, 8, M.Causal()),
-                  "window": Config(16, 16, M.LocalWindow(4096))},
+    "attention": {"causal": _mha(16, 16, M.Causal()), "gqa": _mha(32, 8, M.Causal()),
+                  "window": _mha(16, 16, M.LocalWindow(4096))},
+    "neighborhood_attention": {"2d_k7": Config((2, 64, 64, 8, 128), (2, 64, 64, 8, 128), {"kernel_size": 7})},
+}
+# Known limits, each a strict xfail (a fix makes the case pass and the xfail fail, so it is removed):
+KNOWN = {
+    ("attention", "pallas_gpu", "gqa", "fwd+bwd"): "the dkv kernel spills 60-64 bytes at 255 registers under "
+    "GQA 32:8 (G = 4; MHA does not spill): docs/gpu_compile_report.md",
 }
 CASES = [(cell, name, mode) for cell in CELLS for name in CONFIGS.get(cell[0], {"missing": None})
          for mode in ("fwd", "fwd+bwd")]
+
+
+def _params():
+    out = []
+    for cell, name, mode in CASES:
+        reason = KNOWN.get((cell[0], cell[1], name, mode))
+        marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
+        out.append(pytest.param(cell, name, mode, marks=marks, id=f"{plan.cell_id(cell)}-{name}-{mode}"))
+    return out
 
 
 def _program(family, impl, cfg, mode):
     op = _registry.get_family(family).op
 
     def forward(q, k, v):
-        return op(q, k, v, mask=cfg.mask, impl=impl)
+        return op(q, k, v, **cfg.options, impl=impl)
 
     if mode == "fwd":
         return forward
     return jax.value_and_grad(lambda q, k, v: forward(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
 
 
-@pytest.mark.parametrize("cell, config, mode", CASES,
-                         ids=[f"{plan.cell_id(c)}-{n}-{m}" for c, n, m in CASES])
+@pytest.mark.parametrize("cell, config, mode", _params())
 def test_compiles_for_h100(cell, config, mode):
     problem = aot.missing()
     if problem:
@@ -70,8 +88,7 @@ def test_compiles_for_h100(cell, config, mode):
     family, impl, _ = cell
     assert config in CONFIGS.get(family, {}), f"{family}: no production-shape gpu:aot config (add one to CONFIGS)"
     cfg = CONFIGS[family][config]
-    q = ((cfg.batch, cfg.seq, cfg.q_heads, cfg.head_dim), jnp.bfloat16)
-    kv = ((cfg.batch, cfg.seq, cfg.kv_heads, cfg.head_dim), jnp.bfloat16)
+    q, kv = (cfg.q_shape, jnp.bfloat16), (cfg.kv_shape, jnp.bfloat16)
     report = aot.compile_for_h100(_program(family, impl, cfg, mode), [q, kv, kv])
     if not report.ok and any(s in report.error for s in _NO_CUDNN):
         pytest.skip(f"libcudnn is not loadable (jax checks its version while tracing): install the "

@@ -21,7 +21,7 @@ FAMILIES = sorted(n for n, f in _registry.FAMILIES.items() if f.kind == "recurre
 
 
 def _marks(cell):
-    return [pytest.mark.interpret] if cell[2] == "tpu:interpret" else []
+    return [pytest.mark.interpret] if cell[2].endswith(":interpret") else []
 
 
 def _params(cells):
