@@ -11,6 +11,7 @@ references use ``g`` unclamped; the conformance suite's edge-value tests compare
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 LOG_GATE_FLOOR = -30.0
@@ -22,3 +23,19 @@ def bounded_log_gate(g):
     if g is None:
         return None
     return jnp.maximum(jnp.asarray(g, jnp.float32), LOG_GATE_FLOOR)
+
+
+def segmented_reverse_cumsum(x, resets):
+    """``y_t = x_t + y_{t+1}`` unless token t+1 starts a new segment (fp32), along axis 2 of
+    ``x [B, H, Tp(, D)]``; resets bool ``[B, Tp]`` or None."""
+    if resets is None:
+        return jax.lax.cumsum(x, axis=2, reverse=True)
+    cont = jnp.concatenate([~resets[:, 1:], jnp.zeros_like(resets[:, :1])], axis=1).astype(jnp.float32)
+    cont = cont[:, None] if x.ndim == 3 else cont[:, None, :, None]
+    cont = jnp.broadcast_to(cont, x.shape)
+
+    def combine(a, b):  # affine maps y -> x + m·y; ``a`` sits later in time
+        return a[0] * b[0], b[1] + b[0] * a[1]
+
+    _, y = jax.lax.associative_scan(combine, (cont, x), reverse=True, axis=2)
+    return y

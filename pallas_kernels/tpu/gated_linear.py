@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.gate_math import bounded_log_gate
+from pallas_kernels.gate_math import bounded_log_gate, segmented_reverse_cumsum
 
 from pallas_kernels.tpu._compat import SQ as _SQ
 from pallas_kernels.tpu._compat import CompilerParams as _CompilerParams
@@ -464,22 +464,6 @@ def token_lanes(cfg: GLAConfig, g, resets, b: int, h: int, tp: int):
         sid = jnp.cumsum(resets.astype(jnp.int32).reshape(b, n, c), axis=-1).reshape(b, 1, tp).astype(F32)
         lanes = lanes.at[..., LANE_SID].set(jnp.broadcast_to(sid, (b, h, tp)))
     return lanes, gch
-
-
-def segmented_reverse_cumsum(x, resets):
-    """``y_t = x_t + y_{t+1}`` unless token t+1 starts a new segment (fp32), along axis 2 of
-    ``x [B, H, Tp(, D)]``; resets bool ``[B, Tp]`` or None."""
-    if resets is None:
-        return jax.lax.cumsum(x, axis=2, reverse=True)
-    cont = jnp.concatenate([~resets[:, 1:], jnp.zeros_like(resets[:, :1])], axis=1).astype(F32)
-    cont = cont[:, None] if x.ndim == 3 else cont[:, None, :, None]
-    cont = jnp.broadcast_to(cont, x.shape)
-
-    def combine(a, b):  # affine maps y -> x + m·y; ``a`` sits later in time
-        return a[0] * b[0], b[1] + b[0] * a[1]
-
-    _, y = jax.lax.associative_scan(combine, (cont, x), reverse=True, axis=2)
-    return y
 
 
 def _zeros_h0(q, v):

@@ -23,6 +23,7 @@ import numpy as np
 
 from seqmix.ops import _checks, _gated_chunk, _op_docs, _recurrent, _registry
 from seqmix.ops._recurrent import RecurrentCall, prepare_recurrent, scan_reference
+from seqmix.ops.gpu import recurrent as gpu_recurrent
 from seqmix.ops.tpu import recurrent as tpu_recurrent
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -117,7 +118,7 @@ retention = _registry.define_family(
     "retention", kind="recurrent", prepare=prepare_retention, doc=DOC,
     summary="Retention (RetNet, Lightning): S_t = γ_h S_{t-1} + k_t v_tᵀ with a fixed per-head decay.",
     reference=retention_reference, xla=retention_xla, describe=_gated_chunk.describe,
-    kernels=(tpu_recurrent.gated_linear(),),
+    kernels=(tpu_recurrent.gated_linear(), gpu_recurrent.gated_linear()),
     args=(_registry.ArgSpec("decay", "per_head", ("H",), gate="scalar", differentiable=False),),
     state=_recurrent.state_spec, decode=retention_step, decode_doc="retention_step (recurrent state)",
     sequence_parallel=("lasp2", "lasp1"), sp_summary=_recurrent.gated_summary,

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from seqmix.ops import _checks, _gated_chunk, _op_docs, _recurrent, _registry
 from seqmix.ops._recurrent import RecurrentCall, prepare_recurrent, scan_reference
+from seqmix.ops.gpu import recurrent as gpu_recurrent
 from seqmix.ops.tpu import recurrent as tpu_recurrent
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -75,7 +76,7 @@ simple_gla = _registry.define_family(
     "simple_gla", kind="recurrent", prepare=prepare_simple_gla, doc=DOC,
     summary="Simple GLA / Mamba-2 SSD: S_t = exp(g_t) S_{t-1} + k_t v_tᵀ with a scalar log gate per head and token.",
     reference=simple_gla_reference, xla=simple_gla_xla, describe=_gated_chunk.describe,
-    kernels=(tpu_recurrent.gated_linear(),),
+    kernels=(tpu_recurrent.gated_linear(), gpu_recurrent.gated_linear()),
     args=(_recurrent.gate_arg("scalar"),),
     state=_recurrent.state_spec, decode=simple_gla_step, decode_doc="simple_gla_step (recurrent state)",
     sequence_parallel=("lasp2", "lasp1"), sp_summary=_recurrent.gated_summary,

@@ -32,6 +32,12 @@ def mode_context(mode: str):
         raise ValueError(f"no numeric runner for mode {mode!r}")
 
 
+def head_dim(mode: str) -> int:
+    """Head dims of a mode's conformance inputs: 16, or 64 in the Mosaic GPU interpreter (the kernels'
+    ``wgmma`` tiles take multiples of 64)."""
+    return 64 if mode == "gpu:interpret" else 16
+
+
 def cells(kind: str | None = None, modes=NUMERIC_MODES, family_filter=None):
     """``[(family, impl, mode)]`` for every registered implementation (not the reference) and every
     evidence mode of it in ``modes``, for families of ``kind`` (None: all)."""

@@ -54,13 +54,13 @@ def _cotangents(key, o_shape, o_dtype, state_shape):
     return (jax.random.normal(kd, o_shape, jnp.float32).astype(o_dtype), jax.random.normal(ks, state_shape, jnp.float32))
 
 
-def check_against_reference(fam, impl, *, dtype=jnp.float32, regime="stress", seed=0, batch=1):
+def check_against_reference(fam, impl, *, dtype=jnp.float32, regime="stress", seed=0, batch=1, head_dim=16):
     """Forward (o, final_state) and VJP (dq, dk, dv, every gate/β gradient, d initial_state) of ``impl`` vs
     the reference: T = 75 over 32-row chunks, packed documents, an initial state, random cotangents on o
     and final_state; fp32 or bf16 tolerances (FAMILIES.md §5.3)."""
     kind = "fp32" if jnp.dtype(dtype) == jnp.float32 else "recurrent_bf16"
-    inputs = fam.make_inputs(fam, jax.random.PRNGKey(seed), batch=batch, seq=T, heads=2, dk=16, dv=16,
-                             dtype=dtype, regime=regime)
+    inputs = fam.make_inputs(fam, jax.random.PRNGKey(seed), batch=batch, seq=T, heads=2, dk=head_dim,
+                             dv=head_dim, dtype=dtype, regime=regime)
     seg = segment_ids(batch, T)
     call = fam.prepare(*inputs.args, **inputs.arrays, **inputs.options, segment_ids=seg, chunk_size=CHUNK)
     reason = fam.implementations[impl].supports(call)

@@ -1,7 +1,7 @@
 """The recurrent families' conformance suite, generated from the registry (tests/conformance/plan.py).
 
 For every recurrent family x implementation x numeric evidence mode (``cpu``; ``tpu:interpret`` = the
-Pallas TPU interpreter on CPU): forward and VJP against the reference in fp32 with stress gates, packed
+Pallas TPU interpreter on CPU; ``gpu:interpret`` = the Mosaic GPU interpreter, head dims 64): forward and VJP against the reference in fp32 with stress gates, packed
 documents, an initial state and a length that does not divide the chunk; the same in bf16; packed vs
 per-document; chained halves vs one call. Per family: the decode step iterated vs the parallel form.
 Interpret mode simulates every kernel step on CPU, so its cells run the reference comparisons only
@@ -32,14 +32,15 @@ def _params(cells):
 def test_matches_reference_fp32(cell):
     family, impl, mode = cell
     with plan.mode_context(mode):
-        rc.check_against_reference(_registry.get_family(family), impl)
+        rc.check_against_reference(_registry.get_family(family), impl, head_dim=plan.head_dim(mode))
 
 
 @pytest.mark.parametrize("cell", _params(CELLS))
 def test_matches_reference_bf16(cell):
     family, impl, mode = cell
     with plan.mode_context(mode):
-        rc.check_against_reference(_registry.get_family(family), impl, dtype=jnp.bfloat16, regime="typical", seed=3)
+        rc.check_against_reference(_registry.get_family(family), impl, dtype=jnp.bfloat16, regime="typical", seed=3,
+                                   head_dim=plan.head_dim(mode))
 
 
 @pytest.mark.parametrize("cell", _params(XLA_CELLS))

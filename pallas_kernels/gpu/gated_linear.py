@@ -1,0 +1,535 @@
+"""Chunked gated linear attention for NVIDIA Hopper (Pallas / Mosaic GPU): forward and backward kernels.
+
+The recurrence of FAMILIES.md §2.4–§2.6 (the same semantics as ``pallas_kernels.tpu.gated_linear``)
+
+    S_t = exp(g_t) S_{t-1} + k_t v_tᵀ,      o_t = scale · S_tᵀ q_t
+
+with a scalar log gate per head and token (``simple_gla``); no decay (``linear_attention``: g = 0) and a
+constant per-head decay (``retention``: g broadcast, ``gate_grad=False``) are the same kernel. Per-channel
+decay (``gla``) is not implemented here yet (:func:`gated_linear_attention` raises ``NotImplementedError``).
+Raw kernels plus their ``custom_vjp``; nothing from ``seqmix`` is imported. Written with ``plgpu.kernel``
+(TMA copies + ``plgpu.Barrier`` + ``wgmma``), not with ``pl.pallas_call`` grid BlockSpecs.
+
+Kernel layout (built by :func:`gated_linear_attention` from the API's ``[B, T, H, D]``, zero padded to
+``Tp = N·C`` tokens, C = ``tiles.chunk``):
+
+* ``q, k [B, H, Tp, Dk]``, ``v [B, H, Tp, Dv]`` (one dtype: the ``wgmma`` operand dtype), and the
+  XLA-transposed copies ``qT, kT [B, H, Dk, Tp]``, ``vT [B, H, Dv, Tp]`` (every ``wgmma`` operand is a
+  plain row-major SMEM tile: the Mosaic GPU interpreter of jax 0.10 cannot read transposed refs);
+* ``tok [B, H, 5, Tp]`` fp32 per-token rows, computed in plain jnp by :func:`chunk_lanes`:
+  ``G`` (chunk-local inclusive cumsum of the clamped log gate), ``start`` (index inside the chunk of
+  the token's document's first token there, 0 if it began earlier), ``pos`` (index inside the chunk), ``wq = exp(G)`` before the chunk's first reset (else 0),
+  ``wk = exp(G_C − G)`` after its last reset (else 0);
+* ``decay [B, H, N, Dk]`` fp32: ``a = exp(G_C)`` if the chunk has no reset (else 0), per state row;
+* ``h0 [B, H, Dk, Dv]`` fp32 initial state; outputs ``o [B, H, Tp, Dv]`` (``out_dtype``),
+  ``final_state [B, H, Dk, Dv]`` fp32 and, for the backward, the chunk-start states
+  ``states [B, H, N, Dk, Dv]`` in the input dtype (the backward only uses them as ``wgmma`` operands).
+
+Grid ``(Dv / block_dv, H, B)``, one warpgroup per CTA; a sequential ``fori_loop`` over the N chunks
+carries the fp32 state tile ``S [Dk, block_dv]`` in registers. Per chunk (``Γ_ij = exp(G_i − G_j)`` for
+``i ≥ j`` in the same segment, masked in log space before ``exp``):
+
+    O = scale · (wq ⊙_rows (Q S) + ((Q Kᵀ) ⊙ Γ) V),      S ← a ⊙_rows S + Kᵀ (wk ⊙_rows V)
+
+(the row factors commute out of the matmuls, so only ``P`` and ``wk ⊙ V`` are staged through SMEM).
+
+Backward: a reverse-chunk kernel on the same grid carries ``dS [Dk, block_dv]`` fp32 in registers
+(initialized from the final-state cotangent, written out as ``d initial_state``). With ``dO`` already
+scaled by ``scale`` (plain jnp), per chunk:
+
+    dA  = (dO Vᵀ) ⊙ Γ without the diagonal,   dpd_i = dO_i · V_i   (the diagonal of dO Vᵀ)
+    dQᵀ = S (wq ⊙_rows dO)ᵀ + Kᵀ dAᵀ,        dKᵀ = dS (wk ⊙_rows V)ᵀ + Qᵀ dA     (one accumulator each)
+    dV  = wk ⊙_rows (K dS) + ((K Qᵀ) ⊙ Γᵀ) dO,  dS ← a ⊙_rows dS + Qᵀ (wq ⊙_rows dO)
+
+(``dA``, ``dAᵀ``, ``Pᵀ`` and the scaled ``dO``, ``dOᵀ``, ``Vᵀ`` are staged through SMEM; ``Γᵀ`` is
+recomputed from the token rows rather than transposed.)
+
+dQ and dK come out transposed (``[Dv / block_dv, B, H, Dk, Tp]`` fp32, one partial sum per Dv tile);
+plain jnp sums the tiles, transposes, adds the diagonal term ``dpd ⊙ k`` / ``dpd ⊙ q`` and forms the gate
+gradient in closed form (§2.6): ``d log b = Σ_c (q ⊙ dq − k ⊙ dk)`` without the i = j term (it cancels
+exactly), ``+ Σ S_T ⊙ dS_T`` at the row end, ``dg = `` segmented reverse cumsum (fp32).
+
+Numerics: fp32 ``wgmma`` accumulators, state carries, gate cumsums, decay factors, ``P`` before its cast to
+the operand dtype, gradient partial sums; log gates are clamped at ``gate_math.LOG_GATE_FLOOR`` (-30) by
+the wrapper, so ``g = -inf`` is a hard reset. Only differences ≤ 0 are exponentiated. fp32 inputs run in
+the interpreter (exact fp32 products there); on hardware the f32 (tf32) ``wgmma`` accepts K-major operands
+only, so fp32 is not a compile target of this kernel (bf16 / fp16 are).
+
+Kernels are synchronous (TMA -> wait -> compute, no producer warpgroup / multi-stage ring yet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.gate_math import bounded_log_gate, segmented_reverse_cumsum
+
+# Small Mosaic GPU helpers shared with the flash-attention kernel (candidates for pallas_kernels/gpu/_common.py).
+from pallas_kernels.gpu.flash_attention import (  # noqa: F401 - re-exported for the tests
+    MAX_SMEM_BYTES,
+    MAX_TMA_BOX,
+    _bcast,
+    _kernel,
+    _Lane,
+    _matmul,
+    _smem,
+    interpret_params,
+    plgpu,
+    reset_interpreter,
+)
+
+F32 = jnp.float32
+TOK_ROWS = 5
+ROW_G, ROW_START, ROW_POS, ROW_WQ, ROW_WK = range(TOK_ROWS)
+GATES = ("none", "scalar")
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class GLATiles:
+    """Tile sizes: ``chunk`` tokens per chunk (the ``wgmma`` M of the intra-chunk products: a multiple of 64,
+    at most 256), ``block_dv`` value columns per CTA (a multiple of 64, at most 256)."""
+
+    chunk: int = 64
+    block_dv: int = 64
+
+    def __post_init__(self):
+        for name in ("chunk", "block_dv"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or val < 64 or val % 64 or val > MAX_TMA_BOX:
+                raise ValueError(f"GLATiles.{name} must be a multiple of 64 in [64, 256]; got {val!r}")
+
+
+#: H100, Dk = Dv = 128, bf16: 64-token chunks, two 64-column Dv tiles per head (state tile 128×64 fp32).
+H100_TILES = GLATiles(chunk=64, block_dv=64)
+#: The smallest legal tiles: for the interpreter tests.
+INTERPRET_TILES = GLATiles(chunk=64, block_dv=64)
+
+
+@dataclasses.dataclass(frozen=True)
+class GLAGpuConfig:
+    """Static settings of one call (hashable: the ``custom_vjp``'s non-differentiable argument).
+
+    gate: "none" | "scalar"; gate_grad: whether g receives a gradient (False: retention's constant decay).
+    out_dtype: dtype name of ``o`` (None: the input dtype). interpret: None compiles with Mosaic GPU, else an
+    ``InterpretGPUParams`` (:func:`interpret_params`).
+    """
+
+    scale: float
+    gate: str = "scalar"
+    gate_grad: bool = True
+    tiles: GLATiles = H100_TILES
+    out_dtype: str | None = None
+    interpret: Any = None
+    approx_math: bool = False
+
+    def __post_init__(self):
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES} (per-channel gates are not implemented); "
+                             f"got {self.gate!r}")
+
+
+def _compiler_params(cfg: GLAGpuConfig):
+    return None if cfg.interpret is not None else plgpu.CompilerParams(approx_math=cfg.approx_math)
+
+
+def _tile(lane: _Lane, ref):
+    """A 2-D SMEM tile as a WGMMA-layout register value (a plain load in the interpreter)."""
+    if lane.interpret:
+        return ref[...]
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA)
+
+
+def _matmul_sum(shape, *pairs):
+    """``Σ a @ b`` over ``(a_ref, b_ref)`` SMEM pairs in one fp32 WGMMA accumulator."""
+
+    def body(acc_ref):
+        for a_ref, b_ref in pairs:
+            plgpu.wgmma(acc_ref, a_ref, b_ref)
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def smem_bytes(tiles: GLATiles, dk: int, dv: int, dtype) -> dict[str, int]:
+    """SMEM each kernel allocates (buffers only), to check against :data:`MAX_SMEM_BYTES`."""
+    it = jnp.dtype(dtype).itemsize
+    c, bdv = tiles.chunk, tiles.block_dv
+    tok = TOK_ROWS * c * 4
+    fwd = (c * dk + dk * c + 2 * c * bdv + dk * bdv + c * c + c * bdv) * it + dk * bdv * 4 + tok + dk * 4
+    bwd = ((3 * c * dk + 7 * c * bdv + 2 * dk * bdv + 3 * c * c) * it + dk * c * 4 + tok + dk * 4 + c * 4
+           + (0 if c == bdv else dk * bdv * 4))
+    return {"fwd": fwd, "bwd": bwd}
+
+
+def _gamma(lane: _Lane, tok_s, shape, transposed: bool):
+    """Γ (rows i, cols j) or Γᵀ (rows j, cols i) of the chunk, fp32, from the SMEM token rows."""
+
+    def both(row):
+        r = _bcast(lane.vec(tok_s.at[row], 1), shape, 1)
+        c = _bcast(lane.vec(tok_s.at[row], 0), shape, 0)
+        return (c, r) if transposed else (r, c)
+
+    gi, gj = both(ROW_G)
+    pi, pj = both(ROW_POS)
+    start_i = both(ROW_START)[0]
+    ok = (pj <= pi) & (pj >= start_i)  # j ≤ i in i's document
+    return jnp.exp(jnp.where(ok, gi - gj, -jnp.inf)), pi == pj
+
+
+# ----------------------------------------------------------------------------- forward kernel
+
+
+def _fwd_call(cfg: GLAGpuConfig, q, k, v, tok, decay, h0, save_states: bool):
+    b, h, tp, dk = q.shape
+    dv = v.shape[-1]
+    c, bdv = cfg.tiles.chunk, cfg.tiles.block_dv
+    n_chunks, ndv = tp // c, dv // bdv
+    dt = q.dtype
+    odt = jnp.dtype(cfg.out_dtype) if cfg.out_dtype else dt
+    lane = _Lane(cfg.interpret is not None)
+    kt = jnp.swapaxes(k, 2, 3)
+
+    def body(q_ref, kt_ref, v_ref, tok_ref, a_ref, h0_ref, *rest):
+        if save_states:
+            o_ref, sf_ref, st_ref = rest[:3]
+            rest = rest[3:]
+        else:
+            (o_ref, sf_ref), st_ref, rest = rest[:2], None, rest[2:]
+        q_s, kt_s, v_s, tok_s, a_s, s_s, p_s, vw_s, o_s, sf_s, init_bar, bar = rest
+        j, hi, bi = lax.axis_index("dv"), lax.axis_index("h"), lax.axis_index("b")
+        cols = pl.ds(pl.multiple_of(j * bdv, bdv), bdv)
+
+        plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi, :, cols], sf_s, init_bar)
+        plgpu.barrier_wait(init_bar)
+        s0 = _tile(lane, sf_s)
+
+        def step(n, s):
+            rows = pl.ds(pl.multiple_of(n * c, c), c)
+            plgpu.wait_smem_to_gmem(0)  # the previous chunk's stores out of o_s / s_s are done
+            plgpu.copy_gmem_to_smem(q_ref.at[bi, hi, rows, :], q_s, bar)
+            plgpu.copy_gmem_to_smem(kt_ref.at[bi, hi, :, rows], kt_s, bar)
+            plgpu.copy_gmem_to_smem(v_ref.at[bi, hi, rows, cols], v_s, bar)
+            plgpu.copy_gmem_to_smem(tok_ref.at[bi, hi, :, rows], tok_s, bar)
+            plgpu.copy_gmem_to_smem(a_ref.at[bi, hi, n, :], a_s, bar)
+            plgpu.barrier_wait(bar)
+            s_s[...] = s.astype(dt)
+            gamma, _ = _gamma(lane, tok_s, (c, c), False)
+            p_s[...] = (_matmul((c, c), q_s, kt_s) * gamma).astype(dt)
+            wk = lane.vec(tok_s.at[ROW_WK], 1)
+            vw_s[...] = (_tile(lane, v_s).astype(F32) * _bcast(wk, (c, bdv), 1)).astype(dt)
+            plgpu.commit_smem()
+            if st_ref is not None:
+                plgpu.copy_smem_to_gmem(s_s, st_ref.at[bi, hi, n, :, cols])
+            wq = lane.vec(tok_s.at[ROW_WQ], 1)
+            o = _bcast(wq, (c, bdv), 1) * _matmul((c, bdv), q_s, s_s) + _matmul((c, bdv), p_s, v_s)
+            o_s[...] = (o * cfg.scale).astype(odt)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_s, o_ref.at[bi, hi, rows, cols])
+            a = lane.vec(a_s, 1)
+            return _bcast(a, (dk, bdv), 1) * s + _matmul((dk, bdv), kt_s, vw_s)
+
+        s = lax.fori_loop(0, n_chunks, step, s0)
+        plgpu.wait_smem_to_gmem(0)
+        sf_s[...] = s
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(sf_s, sf_ref.at[bi, hi, :, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = [
+        _smem((c, dk), dt, mma=True),  # q
+        _smem((dk, c), dt, mma=True),  # kT
+        _smem((c, bdv), dt, mma=True),  # v
+        _smem((TOK_ROWS, c), F32),  # token rows
+        _smem((dk,), F32),  # chunk decay a
+        _smem((dk, bdv), dt, mma=True),  # S in the operand dtype (also the saved chunk-start state)
+        _smem((c, c), dt, mma=True),  # P
+        _smem((c, bdv), dt, mma=True),  # wk ⊙ V
+        _smem((c, bdv), odt, mma=True),  # o
+        _smem((dk, bdv), F32, mma=True),  # h0, then the final state
+        plgpu.Barrier(num_arrivals=1, num_barriers=1),  # h0
+        plgpu.Barrier(num_arrivals=5, num_barriers=1),  # the 5 copies of a chunk
+    ]
+    out = [jax.ShapeDtypeStruct((b, h, tp, dv), odt), jax.ShapeDtypeStruct((b, h, dk, dv), F32)]
+    if save_states:
+        out.append(jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), dt))
+    return _kernel(body, out, scratch, name="seqmix_gla_fwd", grid=(ndv, h, b), grid_names=("dv", "h", "b"),
+                   compiler_params=_compiler_params(cfg), interpret=cfg.interpret)(
+        q, kt, v, tok, decay, h0)
+
+
+# ----------------------------------------------------------------------------- backward kernel
+
+
+def _bwd_call(cfg: GLAGpuConfig, q, k, v, do, tok, decay, states, dsf):
+    b, h, tp, dk = q.shape
+    dv = v.shape[-1]
+    c, bdv = cfg.tiles.chunk, cfg.tiles.block_dv
+    n_chunks, ndv = tp // c, dv // bdv
+    dt = q.dtype
+    lane = _Lane(cfg.interpret is not None)
+    qt, kt, vt, dot = (jnp.swapaxes(x, 2, 3) for x in (q, k, v, do))
+    share = c == bdv  # the fp32 dQᵀ/dKᵀ staging tile doubles as the dS_T / dS_0 tile
+
+    def body(qt_ref, k_ref, kt_ref, v_ref, vt_ref, do_ref, dot_ref, tok_ref, a_ref, st_ref, dsf_ref,
+             dqt_ref, dkt_ref, dv_ref, dpd_ref, dh0_ref,
+             qt_s, k_s, kt_s, v_s, vt_s, do_s, dot_s, tok_s, a_s, st_s, ds_s, da_s, dat_s, pt_s, dow_s,
+             dowt_s, vwt_s, dqk_s, dpd_s, *rest):
+        if share:
+            dsf_s, (init_bar, bar) = dqk_s, rest
+        else:
+            dsf_s, init_bar, bar = rest
+        j, hi, bi = lax.axis_index("dv"), lax.axis_index("h"), lax.axis_index("b")
+        cols = pl.ds(pl.multiple_of(j * bdv, bdv), bdv)
+
+        plgpu.copy_gmem_to_smem(dsf_ref.at[bi, hi, :, cols], dsf_s, init_bar)
+        plgpu.barrier_wait(init_bar)
+        ds0 = _tile(lane, dsf_s)
+
+        def step(t, ds):
+            n = n_chunks - 1 - t
+            rows = pl.ds(pl.multiple_of(n * c, c), c)
+            plgpu.wait_smem_to_gmem(0)  # the previous chunk's stores are done
+            plgpu.copy_gmem_to_smem(qt_ref.at[bi, hi, :, rows], qt_s, bar)
+            plgpu.copy_gmem_to_smem(k_ref.at[bi, hi, rows, :], k_s, bar)
+            plgpu.copy_gmem_to_smem(kt_ref.at[bi, hi, :, rows], kt_s, bar)
+            plgpu.copy_gmem_to_smem(v_ref.at[bi, hi, rows, cols], v_s, bar)
+            plgpu.copy_gmem_to_smem(vt_ref.at[bi, hi, cols, rows], vt_s, bar)
+            plgpu.copy_gmem_to_smem(do_ref.at[bi, hi, rows, cols], do_s, bar)
+            plgpu.copy_gmem_to_smem(dot_ref.at[bi, hi, cols, rows], dot_s, bar)
+            plgpu.copy_gmem_to_smem(tok_ref.at[bi, hi, :, rows], tok_s, bar)
+            plgpu.copy_gmem_to_smem(a_ref.at[bi, hi, n, :], a_s, bar)
+            plgpu.copy_gmem_to_smem(st_ref.at[bi, hi, n, :, cols], st_s, bar)
+            plgpu.barrier_wait(bar)
+            ds_s[...] = ds.astype(dt)
+            gamma, eye = _gamma(lane, tok_s, (c, c), False)
+            dp = _matmul((c, c), do_s, vt_s)  # dO Vᵀ (rows i, cols j)
+            dpd_s[...] = jnp.sum(jnp.where(eye, dp, 0.0), axis=1)
+            da_s[...] = jnp.where(eye, 0.0, dp * gamma).astype(dt)
+            gamma_t, _ = _gamma(lane, tok_s, (c, c), True)
+            dpt = _matmul((c, c), v_s, dot_s)  # V dOᵀ (rows j, cols i)
+            dat_s[...] = jnp.where(eye, 0.0, dpt * gamma_t).astype(dt)
+            pt_s[...] = (_matmul((c, c), k_s, qt_s) * gamma_t).astype(dt)
+            # Row / column factors staged into the operands, so each output is one accumulator.
+            wq_r, wq_c = lane.vec(tok_s.at[ROW_WQ], 1), lane.vec(tok_s.at[ROW_WQ], 0)
+            wk_c = lane.vec(tok_s.at[ROW_WK], 0)
+            dow_s[...] = (_tile(lane, do_s).astype(F32) * _bcast(wq_r, (c, bdv), 1)).astype(dt)
+            dowt_s[...] = (_tile(lane, dot_s).astype(F32) * _bcast(wq_c, (bdv, c), 0)).astype(dt)
+            vwt_s[...] = (_tile(lane, vt_s).astype(F32) * _bcast(wk_c, (bdv, c), 0)).astype(dt)
+            plgpu.commit_smem()
+            dqk_s[...] = _matmul_sum((dk, c), (st_s, dowt_s), (kt_s, dat_s))  # dQᵀ
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(dqk_s, dqt_ref.at[j, bi, hi, :, rows])
+            plgpu.copy_smem_to_gmem(dpd_s, dpd_ref.at[j, bi, hi, rows])
+            dkt = _matmul_sum((dk, c), (ds_s, vwt_s), (qt_s, da_s))
+            plgpu.wait_smem_to_gmem(0)  # dQᵀ is out of the staging tile
+            dqk_s[...] = dkt
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(dqk_s, dkt_ref.at[j, bi, hi, :, rows])
+            # ds_new last: computing it first (so the old dS dies early) spilled more in ptxas (832 vs 604 B).
+            ds_new = _bcast(lane.vec(a_s, 1), (dk, bdv), 1) * ds + _matmul((dk, bdv), qt_s, dow_s)
+            wk_r = lane.vec(tok_s.at[ROW_WK], 1)
+            dv_ = (_bcast(wk_r, (c, bdv), 1) * _matmul((c, bdv), k_s, ds_s)
+                   + _matmul((c, bdv), pt_s, do_s))
+            dow_s[...] = dv_.astype(dt)  # wq ⊙ dO was consumed by the dS matmul above
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(dow_s, dv_ref.at[bi, hi, rows, cols])
+            return ds_new
+
+        ds = lax.fori_loop(0, n_chunks, step, ds0)
+        plgpu.wait_smem_to_gmem(0)
+        dsf_s[...] = ds
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dsf_s, dh0_ref.at[bi, hi, :, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = [
+        _smem((dk, c), dt, mma=True),  # qT
+        _smem((c, dk), dt, mma=True),  # k
+        _smem((dk, c), dt, mma=True),  # kT
+        _smem((c, bdv), dt, mma=True),  # v
+        _smem((bdv, c), dt, mma=True),  # vT
+        _smem((c, bdv), dt, mma=True),  # dO (scaled)
+        _smem((bdv, c), dt, mma=True),  # dOᵀ
+        _smem((TOK_ROWS, c), F32),  # token rows
+        _smem((dk,), F32),  # chunk decay a
+        _smem((dk, bdv), dt, mma=True),  # chunk-start state S
+        _smem((dk, bdv), dt, mma=True),  # dS (chunk-end state cotangent) in the operand dtype
+        _smem((c, c), dt, mma=True),  # dA
+        _smem((c, c), dt, mma=True),  # dAᵀ
+        _smem((c, c), dt, mma=True),  # Pᵀ
+        _smem((c, bdv), dt, mma=True),  # wq ⊙ dO, then dV
+        _smem((bdv, c), dt, mma=True),  # (wq ⊙ dO)ᵀ
+        _smem((bdv, c), dt, mma=True),  # (wk ⊙ V)ᵀ
+        _smem((dk, c), F32, mma=True),  # dQᵀ / dKᵀ staging (and dS_T / dS_0 when chunk == block_dv)
+        _smem((c,), F32),  # diagonal of dO Vᵀ
+    ]
+    if not share:
+        scratch.append(_smem((dk, bdv), F32, mma=True))
+    scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=1), plgpu.Barrier(num_arrivals=10, num_barriers=1)]
+    out = [jax.ShapeDtypeStruct((ndv, b, h, dk, tp), F32), jax.ShapeDtypeStruct((ndv, b, h, dk, tp), F32),
+           jax.ShapeDtypeStruct((b, h, tp, dv), dt), jax.ShapeDtypeStruct((ndv, b, h, tp), F32),
+           jax.ShapeDtypeStruct((b, h, dk, dv), F32)]
+    return _kernel(body, out, scratch, name="seqmix_gla_bwd", grid=(ndv, h, b), grid_names=("dv", "h", "b"),
+                   compiler_params=_compiler_params(cfg), interpret=cfg.interpret)(
+        qt, k, kt, v, vt, do, dot, tok, decay, states, dsf)
+
+
+# ----------------------------------------------------------------------------- layout and custom_vjp
+
+
+def chunk_lanes(g, resets, b: int, h: int, tp: int, dk: int, chunk: int):
+    """Per-token rows ``tok [B, H, 5, Tp]`` and per-chunk decay ``[B, H, N, Dk]`` (fp32; module docstring).
+
+    g: fp32 ``[B, H, Tp]`` clamped log gate or None (no decay); resets: bool ``[B, Tp]`` or None.
+    """
+    n = tp // chunk
+    if g is None:
+        big_g = jnp.zeros((b, h, n, chunk), F32)
+    else:
+        big_g = jnp.cumsum(g.astype(F32).reshape(b, h, n, chunk), axis=-1)
+    if resets is None:
+        sid = jnp.zeros((b, 1, n, chunk), F32)
+    else:
+        sid = jnp.cumsum(resets.astype(jnp.int32).reshape(b, 1, n, chunk), axis=-1).astype(F32)
+    sid = jnp.broadcast_to(sid, (b, h, n, chunk))
+    pos = jnp.broadcast_to(jnp.arange(chunk, dtype=F32), (b, h, n, chunk))
+    s_last = sid[..., -1:]
+    g_c = big_g[..., -1:]
+    first, last, carry = sid == 0.0, sid == s_last, s_last == 0.0
+    wq = jnp.exp(jnp.where(first, big_g, -jnp.inf))
+    wk = jnp.exp(jnp.where(last, g_c - big_g, -jnp.inf))
+    a = jnp.exp(jnp.where(carry, g_c, -jnp.inf))  # [B, H, N, 1]
+    if resets is None:
+        start = jnp.zeros_like(pos)
+    else:
+        r = resets.reshape(b, 1, n, chunk)
+        start = lax.cummax(jnp.where(r, jnp.arange(chunk, dtype=F32), 0.0), axis=3)
+        start = jnp.broadcast_to(start, (b, h, n, chunk))
+    tok = jnp.stack([big_g, start, pos, wq, wk], axis=2).reshape(b, h, TOK_ROWS, tp)
+    return tok, jnp.broadcast_to(a, (b, h, n, dk))
+
+
+def _check(cfg: GLAGpuConfig, q, k, v, g, h0, resets):
+    b, h, tp, dk = q.shape
+    dv = v.shape[-1]
+    tl = cfg.tiles
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"bad shapes: q {q.shape}, k {k.shape}, v {v.shape}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype: {q.dtype}, {k.dtype}, {v.dtype}")
+    if tp % tl.chunk:
+        raise ValueError(f"Tp={tp} must be a multiple of the chunk {tl.chunk}; pad first")
+    if dk % 64 or dk > MAX_TMA_BOX:
+        raise ValueError(f"Dk={dk} must be a multiple of 64 and <= {MAX_TMA_BOX}")
+    if dv % tl.block_dv:
+        raise ValueError(f"Dv={dv} must be a multiple of block_dv={tl.block_dv}")
+    if g is not None and g.shape != (b, h, tp):
+        raise ValueError(f"g must be [B, H, Tp] = {(b, h, tp)}; got {g.shape}")
+    if (g is None) != (cfg.gate == "none"):
+        raise ValueError(f"gate={cfg.gate!r} but g is {'None' if g is None else 'given'}")
+    if h0 is not None and h0.shape != (b, h, dk, dv):
+        raise ValueError(f"initial state must be [B, H, Dk, Dv] = {(b, h, dk, dv)}; got {h0.shape}")
+    if resets is not None and resets.shape != (b, tp):
+        raise ValueError(f"resets must be [B, Tp] = {(b, tp)}; got {resets.shape}")
+
+
+def _zeros_h0(q, v):
+    return jnp.zeros(q.shape[:2] + (q.shape[-1], v.shape[-1]), F32)
+
+
+def _forward(cfg: GLAGpuConfig, q, k, v, g, h0, resets, save_states: bool):
+    _check(cfg, q, k, v, g, h0, resets)
+    b, h, tp, dk = q.shape
+    tok, decay = chunk_lanes(g, resets, b, h, tp, dk, cfg.tiles.chunk)
+    h0 = _zeros_h0(q, v) if h0 is None else h0.astype(F32)
+    return _fwd_call(cfg, q, k, v, tok, decay, h0, save_states)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def gla_core(cfg: GLAGpuConfig, q, k, v, g, h0, resets):
+    """(o [B, H, Tp, Dv], final_state [B, H, Dk, Dv] fp32) in kernel layout (module docstring).
+
+    g: fp32 ``[B, H, Tp]`` log gate, already clamped (:func:`pallas_kernels.gate_math.bounded_log_gate`),
+    or None with ``cfg.gate == "none"``; h0 ``[B, H, Dk, Dv]`` or None; resets bool ``[B, Tp]`` or None.
+    Differentiable in q, k, v, g (closed form; zeros if ``cfg.gate_grad`` is False) and h0.
+    """
+    o, sf = _forward(cfg, q, k, v, g, h0, resets, save_states=False)
+    return o, sf
+
+
+def _core_fwd(cfg, q, k, v, g, h0, resets):
+    o, sf, states = _forward(cfg, q, k, v, g, h0, resets, save_states=True)
+    return (o, sf), (q, k, v, g, h0, resets, states, sf)
+
+
+def _core_bwd(cfg, res, cts):
+    q, k, v, g, h0, resets, states, sf = res
+    do, dsf = cts
+    b, h, tp, dk = q.shape
+    tok, decay = chunk_lanes(g, resets, b, h, tp, dk, cfg.tiles.chunk)
+    dsf = jnp.zeros_like(sf) if dsf is None else dsf.astype(F32)
+    do = (do.astype(F32) * cfg.scale).astype(q.dtype)  # o = scale · (...): fold the scale into dO
+    dqt, dkt, dv, dpd, dh0 = _bwd_call(cfg, q, k, v, do, tok, decay, states, dsf)
+    dq_nd = jnp.swapaxes(jnp.sum(dqt, axis=0), 2, 3)  # without the i = j term
+    dk_nd = jnp.swapaxes(jnp.sum(dkt, axis=0), 2, 3)
+    dpd = jnp.sum(dpd, axis=0)[..., None]
+    qf, kf = q.astype(F32), k.astype(F32)
+    dg = None
+    if g is not None:
+        if cfg.gate_grad:
+            dlb = jnp.sum(qf * dq_nd - kf * dk_nd, axis=-1)  # d log b (the i = j term cancels exactly)
+            dlb = dlb.at[:, :, -1].add(jnp.sum(sf * dsf, axis=(-2, -1)))  # the final-state term
+            dg = segmented_reverse_cumsum(dlb, resets).astype(g.dtype)
+        else:
+            dg = jnp.zeros_like(g)
+    dq = (dq_nd + dpd * kf).astype(q.dtype)
+    dk = (dk_nd + dpd * qf).astype(k.dtype)
+    dh0 = None if h0 is None else dh0.astype(h0.dtype)
+    return dq, dk, dv.astype(v.dtype), dg, dh0, None
+
+
+gla_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _to_kernel(x, tp):
+    """``[B, T, H, ...]`` -> ``[B, H, Tp, ...]`` zero padded."""
+    t = x.shape[1]
+    if tp != t:
+        x = jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x, 2, 1)
+
+
+def gated_linear_attention(cfg: GLAGpuConfig, q, k, v, g=None, initial_state=None, resets=None):
+    """The chunked recurrence in the API layout. Returns ``o [B, T, H, Dv]`` (``cfg.out_dtype``, default the
+    input dtype) and the final state fp32 ``[B, H, Dk, Dv]``.
+
+    q, k ``[B, T, H, Dk]``, v ``[B, T, H, Dv]`` (one dtype: the ``wgmma`` operand dtype); g log decay
+    ``[B, T, H]`` (``cfg.gate == "scalar"``; clamped here at ``LOG_GATE_FLOOR``, so ``-inf`` is a hard reset)
+    or None (``"none"``); a per-channel ``[B, T, H, Dk]`` gate raises ``NotImplementedError``;
+    initial_state fp32 ``[B, H, Dk, Dv]`` or None; resets bool ``[B, T]`` (state zeroed before the token)
+    or None. Dk a multiple of 64 (<= 256), Dv a multiple of ``cfg.tiles.block_dv``; T is padded to the chunk.
+    Differentiable in q, k, v, g (zeros if ``cfg.gate_grad`` is False) and initial_state.
+    """
+    if g is not None and jnp.ndim(g) == 4:
+        raise NotImplementedError("per-channel gates (gla) are not implemented in the Mosaic GPU kernel yet")
+    t = q.shape[1]
+    c = cfg.tiles.chunk
+    tp = -(-t // c) * c
+    qk, kk = _to_kernel(q, tp), _to_kernel(k, tp)
+    vk = _to_kernel(v.astype(q.dtype), tp)
+    gk = None if g is None else _to_kernel(bounded_log_gate(g), tp)
+    rk = None
+    if resets is not None:
+        rk = jnp.pad(jnp.asarray(resets, bool), [(0, 0), (0, tp - t)])
+    o, sf = gla_core(cfg, qk, kk, vk, gk, initial_state, rk)
+    return jnp.moveaxis(o, 1, 2)[:, :t], sf

@@ -1,0 +1,83 @@
+"""The gated-linear families on NVIDIA Hopper: lowers a :class:`RecurrentCall` to the Mosaic GPU kernel.
+
+:mod:`pallas_kernels.gpu.gated_linear` runs the chunked recurrence with no decay or a scalar decay per
+head and token (``retention``, ``simple_gla``; each family's op file registers
+:func:`gated_linear`), with initial / final state, segment resets and its own ``custom_vjp``. Per-channel
+decay (``gla``) is not in the kernel yet, so ``gla`` registers no ``pallas_gpu``; nor does
+``linear_attention``: in bf16 its normalized form's dq misses the conformance tolerance by a hair (rms
+0.00802 against 0.008; ``retention`` and ``simple_gla`` pass). The kernel rounds P and dA to bf16 for the
+second ``wgmma`` where the XLA form keeps them fp32; splitting the state operand into bf16 hi + lo
+(tried) did not move it, so the rounding of dA / dO is the lead.
+
+Tiles: ``H100_TILES`` compiled for a GPU, ``INTERPRET_TILES`` in the Mosaic GPU interpreter on CPU (how it
+is tested: evidence ``gpu:interpret``). The kernel compiles for an H100, but its backward spills registers
+(docs/gpu_compile_report.md), so ``gpu:aot`` is not claimed.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels import _target
+from pallas_kernels.gpu import gated_linear as gl_kernel
+from seqmix.ops import _registry
+from seqmix.ops._recurrent import RecurrentCall
+from seqmix.ops.block_meta import pad_to
+
+COMPILED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # 16-bit wgmma operands
+INTERPRETED_DTYPES = COMPILED_DTYPES + (jnp.dtype(jnp.float32),)
+
+
+def _config(call: RecurrentCall) -> gl_kernel.GLAGpuConfig:
+    interpret = _target.gpu_interpret_params()
+    return gl_kernel.GLAGpuConfig(
+        scale=float(call.scale), gate="none" if call.g is None else "scalar",
+        gate_grad=call.gate_grad and call.g is not None,
+        out_dtype="float32" if call.post is not None else None,
+        tiles=gl_kernel.H100_TILES if interpret is None else gl_kernel.INTERPRET_TILES, interpret=interpret)
+
+
+def _run(call: RecurrentCall):
+    """The kernel on v (and the initial state) zero-padded to whole ``block_dv`` columns (linear
+    attention's normalizer appends a ones column to v: ``Dv + 1``); the padding is sliced off."""
+    cfg = _config(call)
+    dv = call.v.shape[-1]
+    dvp = -(-dv // cfg.tiles.block_dv) * cfg.tiles.block_dv
+    h0 = None if call.initial_state is None else pad_to(call.initial_state, 3, dvp, 0)
+    o, final = gl_kernel.gated_linear_attention(cfg, call.q, call.k, pad_to(call.v, 3, dvp, 0), call.g, h0,
+                                                call.resets)
+    return call.finish(o[..., :dv], final[..., :dv])
+
+
+def _supports(call: RecurrentCall) -> str | None:
+    if call.g is not None and call.g.ndim == 4:
+        return "per-channel decay: the Mosaic GPU gated-linear kernel takes no or scalar gates (not yet gla's)"
+    interpret = _target.gpu_interpret_params()
+    dtype = jnp.dtype(call.q.dtype)
+    allowed = COMPILED_DTYPES if interpret is None else INTERPRETED_DTYPES
+    if dtype not in allowed:
+        return f"dtype {dtype}: the Mosaic GPU kernel takes {', '.join(d.name for d in allowed)} here"
+    dk = call.q.shape[-1]
+    if dk % 64 or dk > gl_kernel.MAX_TMA_BOX:
+        return f"head_dim {dk}: the Mosaic GPU kernel takes multiples of 64 up to {gl_kernel.MAX_TMA_BOX}"
+    return None
+
+
+def _describe(call: RecurrentCall) -> str:
+    cfg = _config(call)
+    where = "compiled" if cfg.interpret is None else "Mosaic GPU interpreter"
+    return (f"pallas_kernels.gpu.gated_linear (seqmix_gla_fwd/bwd, {where}): chunk={cfg.tiles.chunk}, "
+            f"block_dv={cfg.tiles.block_dv}, gate={cfg.gate}")
+
+
+def device_case(call: RecurrentCall) -> str:
+    """The key a real-GPU run records: dtype / gate kind / head dims / segments."""
+    gate = "none" if call.g is None else "scalar"
+    seg = "/segments" if call.resets is not None else ""
+    return f"{jnp.dtype(call.q.dtype).name}/{gate}/d{call.q.shape[-1]}v{call.v.shape[-1]}{seg}"
+
+
+def gated_linear() -> _registry.Implementation:
+    """``pallas_gpu`` for a gated-linear family with no or scalar decay."""
+    return _registry.Implementation("pallas_gpu", _run, rank=10, backend="mosaic_gpu", evidence=("gpu:interpret",),
+                                    supports=_supports, describe=_describe, device_case=device_case)
