@@ -103,3 +103,15 @@ def assert_not_close(x, ref, *, min_rms: float = 1e-3, name: str = "x") -> None:
 def tolerance_kind(dtype, family_kind: str = "softmax") -> str:
     """The TOLERANCES key for inputs of ``dtype``: "fp32" or "<family_kind>_bf16"."""
     return "fp32" if jnp.dtype(dtype) == jnp.float32 else f"{family_kind}_bf16"
+
+
+def packed_segments(b: int, t: int, lengths):
+    """int32 ``[b, t]`` segment ids packing documents of the given lengths (the last id absorbs the
+    remainder): the ``segment_ids`` argument of every op, for tests and benchmarks."""
+    ids = np.zeros((b, t), np.int32)
+    start = 0
+    for i, n in enumerate(lengths):
+        ids[:, start:start + n] = i
+        start += n
+    ids[:, start:] = len(lengths)
+    return jnp.asarray(ids)

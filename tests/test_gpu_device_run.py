@@ -20,6 +20,9 @@ from seqmix.ops import _registry
 from seqmix.ops.gpu import device_results
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))  # the script's modules, as the script itself finds them
+from gpu_device import budget, cases, common, conformance  # noqa: E402
+
 ENTRY_KEYS = {"family", "impl", "case", "device_kind", "jax", "test"}
 ROW_KEYS = {"family", "impl", "shape", "dtype", "mask", "mode", "status", "useful_flops"}
 
@@ -142,13 +145,13 @@ def test_no_gpu_without_smoke_is_refused(script, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_spec_implementations_are_named_once(script):
-    assert len(set(script.ATTENTION_SPEC["impls"])) == len(script.ATTENTION_SPEC["impls"])
-    assert set(script.FLA_OPS) == set(script.RECURRENT_SPEC["families"])
-    assert dataclasses.is_dataclass(script.Case)
+def test_spec_implementations_are_named_once():
+    assert len(set(common.ATTENTION_SPEC["impls"])) == len(common.ATTENTION_SPEC["impls"])
+    assert set(common.FLA_OPS) == set(common.RECURRENT_SPEC["families"])
+    assert dataclasses.is_dataclass(cases.Case)
 
 
-def test_recording_rule_and_merge(script, tmp_path, monkeypatch):
+def test_recording_rule_and_merge(tmp_path, monkeypatch):
     """A key is recorded when a call passed and none failed (budget cuts are named); the committed entries of
     a (family, impl) tested here are replaced on this device kind only."""
     committed = tmp_path / "committed.json"
@@ -156,8 +159,8 @@ def test_recording_rule_and_merge(script, tmp_path, monkeypatch):
         dict(family="attention", impl="cudnn", case="old", device_kind="H", jax="0", test="t"),
         dict(family="attention", impl="cudnn", case="old", device_kind="other", jax="0", test="t"),
         dict(family="gla", impl="pallas_gpu", case="*", device_kind="H", jax="0", test="t")]}))
-    monkeypatch.setattr(script.device_results, "RESULTS", committed)
-    out = script.Output(tmp_path, smoke=False)
+    monkeypatch.setattr(device_results, "RESULTS", committed)
+    out = budget.Output(tmp_path, smoke=False)
     err = {"o": {"rms": 1e-3, "rmax": 0, "max_abs": 0}}
 
     def case(key, status, desc="c: T=1"):
@@ -166,7 +169,7 @@ def test_recording_rule_and_merge(script, tmp_path, monkeypatch):
 
     out.cases = [case("a", "passed"), case("a", "skipped", "c: T=2"), case("b", "passed"), case("b", "failed"),
                  case("c", "skipped"), case(None, "skipped")]
-    script.record_results(out, "H", smoke=False)
+    conformance.record_results(out, "H", smoke=False)
     assert [(e["case"], e["device_kind"]) for e in out.recorded] == [("a", "H")]
     assert "1 more not run (time budget)" in out.recorded[0]["test"]
     assert {i["case"]: i["why"] for i in out.incomplete} == {"b": "a call failed", "c": "no call ran (time budget)"}

@@ -116,6 +116,13 @@ def _kernel(body, out, scratch, *, name: str, **kw):
     return plgpu.kernel(body, out_shape=out, scratch_shapes=scratch, **kw)  # pragma: no cover
 
 
+def load(ref, layout):
+    """``plgpu.load`` of a whole SMEM ref in ``layout`` (it took an index tuple before jax 0.12)."""
+    if "idx" in inspect.signature(plgpu.load).parameters:
+        return plgpu.load(ref, (), layout=layout)
+    return plgpu.load(ref, layout=layout)
+
+
 class _Lane:
     """Register-layout operations that the Mosaic GPU interpreter cannot run (``plgpu.load`` with a layout,
     ``layout_cast``): with ``interpret`` they become plain loads / no-ops, the layout being irrelevant."""
@@ -128,7 +135,7 @@ class _Lane:
         (axis 1: one value per tile row, ``WGMMA.reduce(1)``; axis 0: one per column)."""
         if self.interpret:
             return ref[...]
-        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
+        return load(ref, plgpu.Layout.WGMMA.reduce(axis))
 
     def full(self, shape, value, dtype=jnp.float32):
         x = jnp.full(shape, value, dtype)
@@ -294,6 +301,26 @@ def _drain(used_bar, n, ns: int):
     lax.fori_loop(jnp.maximum(n - ns, 0), n, wait, 0)
 
 
+def _produce(steps_row, n, block: int, nwg: int, ns: int, full_bar, used_bar, copies):
+    """The producer warpgroup of the forward and dq kernels: for each of the ``n`` live steps of
+    ``steps_row`` (packed entries), wait until the consumers released its ring slot, then TMA-copy each
+    ``(src, ring)`` of ``copies`` (``src(block slice)`` a GMEM ref) into the slot; then drain."""
+    if nwg == 2:
+        plgpu.set_max_registers(40, action="decrease")
+
+    def issue(t, carry):
+        slot = lax.rem(t, ns)
+        j = steps_row[t] >> KIND_BITS
+        sl = pl.ds(pl.multiple_of(j * block, block), block)
+        pl.when(t >= ns)(lambda: plgpu.barrier_wait(used_bar.at[slot]))
+        for src, ring in copies:
+            plgpu.copy_gmem_to_smem(src(sl), ring.at[slot], full_bar.at[slot])
+        return carry
+
+    lax.fori_loop(0, n, issue, 0)
+    _drain(used_bar, n, ns)
+
+
 def _coords(lane: _Lane, ref, axis: int):
     return [lane.vec(ref.at[r], axis) for r in range(COORD_ROWS)]
 
@@ -320,23 +347,9 @@ def _fwd_call(cfg: FlashConfig, q, k, v, sinks, q_coords, kv_coords, steps, coun
         hk = h // g
         n = counts_ref[qi]
 
-        @pl.when(wg == nwg)
-        def _producer():
-            if nwg == 2:
-                plgpu.set_max_registers(40, action="decrease")
-
-            def issue(t, _):
-                slot = lax.rem(t, ns)
-                j = steps_ref[qi, t] >> KIND_BITS
-                kv = pl.ds(pl.multiple_of(j * bkv, bkv), bkv)
-                pl.when(t >= ns)(lambda: plgpu.barrier_wait(used_bar.at[slot]))
-                plgpu.copy_gmem_to_smem(kt_ref.at[bi, hk, :, kv], kt_s.at[slot], full_bar.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[bi, hk, kv, :], v_s.at[slot], full_bar.at[slot])
-                plgpu.copy_gmem_to_smem(kc_ref.at[bi, :, kv], kc_s.at[slot], full_bar.at[slot])
-                return _
-
-            lax.fori_loop(0, n, issue, 0)
-            _drain(used_bar, n, ns)
+        pl.when(wg == nwg)(lambda: _produce(steps_ref.at[qi], n, bkv, nwg, ns, full_bar, used_bar, [
+            (lambda kv: kt_ref.at[bi, hk, :, kv], kt_s), (lambda kv: v_ref.at[bi, hk, kv, :], v_s),
+            (lambda kv: kc_ref.at[bi, :, kv], kc_s)]))
 
         @pl.when(wg < nwg)
         def _consumer():
@@ -430,25 +443,9 @@ def _dq_call(cfg: FlashConfig, q, k, v, do, lse, delta, q_coords, kv_coords, ste
         hk = h // g
         n = counts_ref[qi]
 
-        @pl.when(wg == nwg)
-        def _producer():
-            if nwg == 2:
-                plgpu.set_max_registers(40, action="decrease")
-
-            def issue(t, _):
-                slot = lax.rem(t, ns)
-                j = steps_ref[qi, t] >> KIND_BITS
-                kv = pl.ds(pl.multiple_of(j * bkv, bkv), bkv)
-                pl.when(t >= ns)(lambda: plgpu.barrier_wait(used_bar.at[slot]))
-                bar = full_bar.at[slot]
-                plgpu.copy_gmem_to_smem(k_ref.at[bi, hk, kv, :], k_s.at[slot], bar)
-                plgpu.copy_gmem_to_smem(kt_ref.at[bi, hk, :, kv], kt_s.at[slot], bar)
-                plgpu.copy_gmem_to_smem(vt_ref.at[bi, hk, :, kv], vt_s.at[slot], bar)
-                plgpu.copy_gmem_to_smem(kc_ref.at[bi, :, kv], kc_s.at[slot], bar)
-                return _
-
-            lax.fori_loop(0, n, issue, 0)
-            _drain(used_bar, n, ns)
+        pl.when(wg == nwg)(lambda: _produce(steps_ref.at[qi], n, bkv, nwg, ns, full_bar, used_bar, [
+            (lambda kv: k_ref.at[bi, hk, kv, :], k_s), (lambda kv: kt_ref.at[bi, hk, :, kv], kt_s),
+            (lambda kv: vt_ref.at[bi, hk, :, kv], vt_s), (lambda kv: kc_ref.at[bi, :, kv], kc_s)]))
 
         @pl.when(wg < nwg)
         def _consumer():

@@ -6,6 +6,7 @@ import numpy as np
 
 from seqmix.ops import masks as M
 from seqmix.ops.neighborhood_mask import neighborhood
+from seqmix.testing import packed_segments  # noqa: F401 - the tests import it from here
 
 
 def qkv(seed, b, tq, s, hq, hkv, d, dtype=jnp.float32, dv=None):
@@ -46,12 +47,3 @@ NEIGHBORHOOD_MASKS = {
 }
 
 
-def packed_segments(b, t, lengths):
-    """[b, t] segment ids from a list of document lengths (the last absorbs the remainder)."""
-    ids = np.zeros((b, t), np.int32)
-    start = 0
-    for i, n in enumerate(lengths):
-        ids[:, start:start + n] = i
-        start += n
-    ids[:, start:] = len(lengths)
-    return jnp.asarray(ids)
