@@ -6,9 +6,9 @@ The recurrence of FAMILIES.md §2.4–§2.6 (the same semantics as ``pallas_kern
 
 with a scalar log gate per head and token (``simple_gla``); no decay (``linear_attention``: g = 0) and a
 constant per-head decay (``retention``: g broadcast, ``gate_grad=False``) are the same kernel. Per-channel
-decay (``gla``) is not implemented here yet (:func:`gated_linear_attention` raises ``NotImplementedError``).
-Raw kernels plus their ``custom_vjp``; nothing from ``seqmix`` is imported. Written with ``plgpu.kernel``
-(TMA copies + ``plgpu.Barrier`` + ``wgmma``), not with ``pl.pallas_call`` grid BlockSpecs.
+decay (``gla``, ``S_t = Diag(exp(g_t)) S_{t-1} + k_t v_tᵀ``) runs the same kernels on anchored operands (see
+"Per-channel gates" below). Raw kernels plus their ``custom_vjp``; nothing from ``seqmix`` is imported.
+Written with ``plgpu.kernel`` (TMA copies + ``plgpu.Barrier`` + ``wgmma``), not with ``pl.pallas_call`` grid BlockSpecs.
 
 Kernel layout (built by :func:`gated_linear_attention` from the API's ``[B, T, H, D]``, zero padded to
 ``Tp = N·C`` tokens, C = ``tiles.chunk``):
@@ -49,6 +49,23 @@ plain jnp sums the tiles, transposes, adds the diagonal term ``dpd ⊙ k`` / ``d
 gradient in closed form (§2.6): ``d log b = Σ_c (q ⊙ dq − k ⊙ dk)`` without the i = j term (it cancels
 exactly), ``+ Σ S_T ⊙ dS_T`` at the row end, ``dg = `` segmented reverse cumsum (fp32).
 
+Per-channel gates (``gate="channel"``, g ``[B, H, Tp, Dk]``; FAMILIES.md §2.6, the "anchored" path of
+``seqmix/ops/_gated_chunk.py``): per chunk and channel the wrapper picks the anchor ``m`` = middle of the
+chunk's range of G and passes the kernels ``Qa = Q ⊙ exp(G − m)``, ``Ka = K ⊙ exp(m − G)`` (input dtype, in
+place of q, k), token rows with ``G = 0`` (Γ is then the causal-segment mask and ``wq``, ``wk`` 0/1 masks) and
+per chunk ``anc [B, H, N, 2, Dk]`` fp32 = ``(exp(m), exp(G_C − m))``. Then ``P = (Qa Kaᵀ) ⊙ M`` (one C×C
+``wgmma``), ``Q ⊙ exp(G) S = Qa (exp(m) ⊙_rows S)`` and ``(K ⊙ exp(G_C − G))ᵀ V = exp(G_C − m) ⊙_rows Kaᵀ V``,
+so the kernels differ only by three per-row (per state channel) fp32 scalings of ``[Dk, block_dv]`` tiles:
+the forward stages ``exp(m) ⊙_rows S`` (also what it saves as the chunk-start state) and scales the state
+update by ``exp(G_C − m)``; the backward stages ``exp(G_C − m) ⊙_rows dS`` and scales its ``dS`` update by
+``exp(m)``. The kernels return gradients of Qa, Ka; plain jnp multiplies them by ``exp(G − m)``, ``exp(m − G)``
+and forms ``d log b`` per channel (no sum over Dk) with the per-channel final-state term
+``Σ_v S_T ⊙ dS_T``. Valid when every chunk's per-channel span ``max G − min G`` is at most
+:data:`ANCHOR_SPAN` = 40 nats (factors within ``e^{±20}``; a hard reset, g clamped to -30, fits). For wider
+spans :func:`gated_linear_attention` takes, by one ``lax.cond`` on the whole call (:func:`anchorable`),
+:func:`exact_channel`: a plain-jnp chunk scan that forms ``exp(G_i − G_j)`` per channel (exact, slow).
+fp16 is refused for per-channel gates (``e^{20}·|q|`` overflows it); bf16 shares fp32's exponent range.
+
 Numerics: fp32 ``wgmma`` accumulators, state carries, gate cumsums, decay factors, ``P`` before its cast to
 the operand dtype, gradient partial sums; log gates are clamped at ``gate_math.LOG_GATE_FLOOR`` (-30) by
 the wrapper, so ``g = -inf`` is a hard reset. Only differences ≤ 0 are exponentiated. fp32 inputs run in
@@ -62,7 +79,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +98,7 @@ from pallas_kernels.gpu.flash_attention import (  # noqa: F401 - re-exported for
     _matmul,
     _smem,
     interpret_params,
+    load,
     plgpu,
     reset_interpreter,
 )
@@ -88,7 +106,11 @@ from pallas_kernels.gpu.flash_attention import (  # noqa: F401 - re-exported for
 F32 = jnp.float32
 TOK_ROWS = 5
 ROW_G, ROW_START, ROW_POS, ROW_WQ, ROW_WK = range(TOK_ROWS)
-GATES = ("none", "scalar")
+GATES = ("none", "scalar", "channel")
+#: Per-channel gates: the largest per-chunk, per-channel span ``max G − min G`` (nats) that the anchored
+#: kernel takes (the same rule as ``seqmix.ops._gated_chunk.ANCHOR_SPAN``); factors stay within e^{±20}.
+ANCHOR_SPAN = 40.0
+ANC_ROWS = 2  # per chunk and channel: exp(m), exp(G_C − m)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -119,7 +141,7 @@ INTERPRET_TILES = GLATiles(chunk=64, block_dv=64)
 class GLAGpuConfig:
     """Static settings of one call (hashable: the ``custom_vjp``'s non-differentiable argument).
 
-    gate: "none" | "scalar"; gate_grad: whether g receives a gradient (False: retention's constant decay).
+    gate: "none" | "scalar" | "channel"; gate_grad: whether g receives a gradient (False: retention's constant decay).
     out_dtype: dtype name of ``o`` (None: the input dtype). interpret: None compiles with Mosaic GPU, else an
     ``InterpretGPUParams`` (:func:`interpret_params`).
     """
@@ -134,8 +156,7 @@ class GLAGpuConfig:
 
     def __post_init__(self):
         if self.gate not in GATES:
-            raise ValueError(f"gate must be one of {GATES} (per-channel gates are not implemented); "
-                             f"got {self.gate!r}")
+            raise ValueError(f"gate must be one of {GATES}; got {self.gate!r}")
 
 
 def _compiler_params(cfg: GLAGpuConfig):
@@ -146,7 +167,7 @@ def _tile(lane: _Lane, ref):
     """A 2-D SMEM tile as a WGMMA-layout register value (a plain load in the interpreter)."""
     if lane.interpret:
         return ref[...]
-    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA)
+    return load(ref, plgpu.Layout.WGMMA)
 
 
 def _matmul_sum(shape, *pairs):
@@ -160,7 +181,7 @@ def _matmul_sum(shape, *pairs):
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
-def smem_bytes(tiles: GLATiles, dk: int, dv: int, dtype) -> dict[str, int]:
+def smem_bytes(tiles: GLATiles, dk: int, dv: int, dtype, gate: str = "scalar") -> dict[str, int]:
     """SMEM each kernel allocates (buffers only), to check against :data:`MAX_SMEM_BYTES`."""
     it = jnp.dtype(dtype).itemsize
     c, bdv = tiles.chunk, tiles.block_dv
@@ -168,6 +189,8 @@ def smem_bytes(tiles: GLATiles, dk: int, dv: int, dtype) -> dict[str, int]:
     fwd = (c * dk + dk * c + 2 * c * bdv + dk * bdv + c * c + c * bdv) * it + dk * bdv * 4 + tok + dk * 4
     bwd = ((3 * c * dk + 7 * c * bdv + 2 * dk * bdv + 3 * c * c) * it + dk * c * 4 + tok + dk * 4 + c * 4
            + (0 if c == bdv else dk * bdv * 4))
+    if gate == "channel":  # the (exp(m), exp(G_C − m)) rows of a chunk
+        fwd, bwd = fwd + ANC_ROWS * dk * 4, bwd + ANC_ROWS * dk * 4
     return {"fwd": fwd, "bwd": bwd}
 
 
@@ -189,7 +212,7 @@ def _gamma(lane: _Lane, tok_s, shape, transposed: bool):
 # ----------------------------------------------------------------------------- forward kernel
 
 
-def _fwd_call(cfg: GLAGpuConfig, q, k, v, tok, decay, h0, save_states: bool):
+def _fwd_call(cfg: GLAGpuConfig, q, k, v, tok, decay, h0, save_states: bool, anc=None):
     b, h, tp, dk = q.shape
     dv = v.shape[-1]
     c, bdv = cfg.tiles.chunk, cfg.tiles.block_dv
@@ -198,14 +221,20 @@ def _fwd_call(cfg: GLAGpuConfig, q, k, v, tok, decay, h0, save_states: bool):
     odt = jnp.dtype(cfg.out_dtype) if cfg.out_dtype else dt
     lane = _Lane(cfg.interpret is not None)
     kt = jnp.swapaxes(k, 2, 3)
+    chan = anc is not None  # per-channel gates: q, k are the anchored Q ⊙ exp(G − m), K ⊙ exp(m − G)
 
     def body(q_ref, kt_ref, v_ref, tok_ref, a_ref, h0_ref, *rest):
+        anc_ref = None
+        if chan:
+            anc_ref, rest = rest[0], rest[1:]
         if save_states:
             o_ref, sf_ref, st_ref = rest[:3]
             rest = rest[3:]
         else:
             (o_ref, sf_ref), st_ref, rest = rest[:2], None, rest[2:]
-        q_s, kt_s, v_s, tok_s, a_s, s_s, p_s, vw_s, o_s, sf_s, init_bar, bar = rest
+        q_s, kt_s, v_s, tok_s, a_s, s_s, p_s, vw_s, o_s, sf_s = rest[:10]
+        anc_s = rest[10] if chan else None
+        init_bar, bar = rest[-2:]
         j, hi, bi = lax.axis_index("dv"), lax.axis_index("h"), lax.axis_index("b")
         cols = pl.ds(pl.multiple_of(j * bdv, bdv), bdv)
 
@@ -221,8 +250,13 @@ def _fwd_call(cfg: GLAGpuConfig, q, k, v, tok, decay, h0, save_states: bool):
             plgpu.copy_gmem_to_smem(v_ref.at[bi, hi, rows, cols], v_s, bar)
             plgpu.copy_gmem_to_smem(tok_ref.at[bi, hi, :, rows], tok_s, bar)
             plgpu.copy_gmem_to_smem(a_ref.at[bi, hi, n, :], a_s, bar)
+            if chan:
+                plgpu.copy_gmem_to_smem(anc_ref.at[bi, hi, n], anc_s, bar)
             plgpu.barrier_wait(bar)
-            s_s[...] = s.astype(dt)
+            if chan:  # exp(m) ⊙_rows S: Q ⊙ exp(G) S = (Q ⊙ exp(G − m)) (exp(m) ⊙_rows S)
+                s_s[...] = (_bcast(lane.vec(anc_s.at[0], 1), (dk, bdv), 1) * s).astype(dt)
+            else:
+                s_s[...] = s.astype(dt)
             gamma, _ = _gamma(lane, tok_s, (c, c), False)
             p_s[...] = (_matmul((c, c), q_s, kt_s) * gamma).astype(dt)
             wk = lane.vec(tok_s.at[ROW_WK], 1)
@@ -236,7 +270,10 @@ def _fwd_call(cfg: GLAGpuConfig, q, k, v, tok, decay, h0, save_states: bool):
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_s, o_ref.at[bi, hi, rows, cols])
             a = lane.vec(a_s, 1)
-            return _bcast(a, (dk, bdv), 1) * s + _matmul((dk, bdv), kt_s, vw_s)
+            upd = _matmul((dk, bdv), kt_s, vw_s)
+            if chan:  # (K ⊙ exp(G_C − G))ᵀ V = exp(G_C − m) ⊙_rows (K ⊙ exp(m − G))ᵀ V
+                upd = _bcast(lane.vec(anc_s.at[1], 1), (dk, bdv), 1) * upd
+            return _bcast(a, (dk, bdv), 1) * s + upd
 
         s = lax.fori_loop(0, n_chunks, step, s0)
         plgpu.wait_smem_to_gmem(0)
@@ -256,21 +293,25 @@ def _fwd_call(cfg: GLAGpuConfig, q, k, v, tok, decay, h0, save_states: bool):
         _smem((c, bdv), dt, mma=True),  # wk ⊙ V
         _smem((c, bdv), odt, mma=True),  # o
         _smem((dk, bdv), F32, mma=True),  # h0, then the final state
+    ]
+    if chan:
+        scratch.append(_smem((ANC_ROWS, dk), F32))  # exp(m), exp(G_C − m)
+    scratch += [
         plgpu.Barrier(num_arrivals=1, num_barriers=1),  # h0
-        plgpu.Barrier(num_arrivals=5, num_barriers=1),  # the 5 copies of a chunk
+        plgpu.Barrier(num_arrivals=5 + chan, num_barriers=1),  # the copies of a chunk
     ]
     out = [jax.ShapeDtypeStruct((b, h, tp, dv), odt), jax.ShapeDtypeStruct((b, h, dk, dv), F32)]
     if save_states:
         out.append(jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), dt))
     return _kernel(body, out, scratch, name="seqmix_gla_fwd", grid=(ndv, h, b), grid_names=("dv", "h", "b"),
                    compiler_params=_compiler_params(cfg), interpret=cfg.interpret)(
-        q, kt, v, tok, decay, h0)
+        q, kt, v, tok, decay, h0, *([anc] if chan else []))
 
 
 # ----------------------------------------------------------------------------- backward kernel
 
 
-def _bwd_call(cfg: GLAGpuConfig, q, k, v, do, tok, decay, states, dsf):
+def _bwd_call(cfg: GLAGpuConfig, q, k, v, do, tok, decay, states, dsf, anc=None):
     b, h, tp, dk = q.shape
     dv = v.shape[-1]
     c, bdv = cfg.tiles.chunk, cfg.tiles.block_dv
@@ -279,11 +320,19 @@ def _bwd_call(cfg: GLAGpuConfig, q, k, v, do, tok, decay, states, dsf):
     lane = _Lane(cfg.interpret is not None)
     qt, kt, vt, dot = (jnp.swapaxes(x, 2, 3) for x in (q, k, v, do))
     share = c == bdv  # the fp32 dQᵀ/dKᵀ staging tile doubles as the dS_T / dS_0 tile
+    chan = anc is not None  # per-channel gates: q, k anchored; states saved as exp(m) ⊙_rows S
 
-    def body(qt_ref, k_ref, kt_ref, v_ref, vt_ref, do_ref, dot_ref, tok_ref, a_ref, st_ref, dsf_ref,
-             dqt_ref, dkt_ref, dv_ref, dpd_ref, dh0_ref,
-             qt_s, k_s, kt_s, v_s, vt_s, do_s, dot_s, tok_s, a_s, st_s, ds_s, da_s, dat_s, pt_s, dow_s,
-             dowt_s, vwt_s, dqk_s, dpd_s, *rest):
+    def body(qt_ref, k_ref, kt_ref, v_ref, vt_ref, do_ref, dot_ref, tok_ref, a_ref, st_ref, dsf_ref, *rest):
+        anc_ref = None
+        if chan:
+            anc_ref, rest = rest[0], rest[1:]
+        dqt_ref, dkt_ref, dv_ref, dpd_ref, dh0_ref = rest[:5]
+        (qt_s, k_s, kt_s, v_s, vt_s, do_s, dot_s, tok_s, a_s, st_s, ds_s, da_s, dat_s, pt_s, dow_s,
+         dowt_s, vwt_s, dqk_s, dpd_s) = rest[5:24]
+        rest = rest[24:]
+        anc_s = None
+        if chan:
+            anc_s, rest = rest[0], rest[1:]
         if share:
             dsf_s, (init_bar, bar) = dqk_s, rest
         else:
@@ -309,8 +358,13 @@ def _bwd_call(cfg: GLAGpuConfig, q, k, v, do, tok, decay, states, dsf):
             plgpu.copy_gmem_to_smem(tok_ref.at[bi, hi, :, rows], tok_s, bar)
             plgpu.copy_gmem_to_smem(a_ref.at[bi, hi, n, :], a_s, bar)
             plgpu.copy_gmem_to_smem(st_ref.at[bi, hi, n, :, cols], st_s, bar)
+            if chan:
+                plgpu.copy_gmem_to_smem(anc_ref.at[bi, hi, n], anc_s, bar)
             plgpu.barrier_wait(bar)
-            ds_s[...] = ds.astype(dt)
+            if chan:  # both uses of dS (dKᵀ, dV) see exp(G_C − m) ⊙_rows dS
+                ds_s[...] = (_bcast(lane.vec(anc_s.at[1], 1), (dk, bdv), 1) * ds).astype(dt)
+            else:
+                ds_s[...] = ds.astype(dt)
             gamma, eye = _gamma(lane, tok_s, (c, c), False)
             dp = _matmul((c, c), do_s, vt_s)  # dO Vᵀ (rows i, cols j)
             dpd_s[...] = jnp.sum(jnp.where(eye, dp, 0.0), axis=1)
@@ -336,7 +390,10 @@ def _bwd_call(cfg: GLAGpuConfig, q, k, v, do, tok, decay, states, dsf):
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(dqk_s, dkt_ref.at[j, bi, hi, :, rows])
             # ds_new last: computing it first (so the old dS dies early) spilled more in ptxas (832 vs 604 B).
-            ds_new = _bcast(lane.vec(a_s, 1), (dk, bdv), 1) * ds + _matmul((dk, bdv), qt_s, dow_s)
+            upd = _matmul((dk, bdv), qt_s, dow_s)
+            if chan:  # (Q ⊙ exp(G))ᵀ (wq ⊙ dO) = exp(m) ⊙_rows (Q ⊙ exp(G − m))ᵀ (wq ⊙ dO)
+                upd = _bcast(lane.vec(anc_s.at[0], 1), (dk, bdv), 1) * upd
+            ds_new = _bcast(lane.vec(a_s, 1), (dk, bdv), 1) * ds + upd
             wk_r = lane.vec(tok_s.at[ROW_WK], 1)
             dv_ = (_bcast(wk_r, (c, bdv), 1) * _matmul((c, bdv), k_s, ds_s)
                    + _matmul((c, bdv), pt_s, do_s))
@@ -373,15 +430,17 @@ def _bwd_call(cfg: GLAGpuConfig, q, k, v, do, tok, decay, states, dsf):
         _smem((dk, c), F32, mma=True),  # dQᵀ / dKᵀ staging (and dS_T / dS_0 when chunk == block_dv)
         _smem((c,), F32),  # diagonal of dO Vᵀ
     ]
+    if chan:
+        scratch.append(_smem((ANC_ROWS, dk), F32))  # exp(m), exp(G_C − m)
     if not share:
         scratch.append(_smem((dk, bdv), F32, mma=True))
-    scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=1), plgpu.Barrier(num_arrivals=10, num_barriers=1)]
+    scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=1), plgpu.Barrier(num_arrivals=10 + chan, num_barriers=1)]
     out = [jax.ShapeDtypeStruct((ndv, b, h, dk, tp), F32), jax.ShapeDtypeStruct((ndv, b, h, dk, tp), F32),
            jax.ShapeDtypeStruct((b, h, tp, dv), dt), jax.ShapeDtypeStruct((ndv, b, h, tp), F32),
            jax.ShapeDtypeStruct((b, h, dk, dv), F32)]
     return _kernel(body, out, scratch, name="seqmix_gla_bwd", grid=(ndv, h, b), grid_names=("dv", "h", "b"),
                    compiler_params=_compiler_params(cfg), interpret=cfg.interpret)(
-        qt, k, kt, v, vt, do, dot, tok, decay, states, dsf)
+        qt, k, kt, v, vt, do, dot, tok, decay, states, dsf, *([anc] if chan else []))
 
 
 # ----------------------------------------------------------------------------- layout and custom_vjp
@@ -419,6 +478,50 @@ def chunk_lanes(g, resets, b: int, h: int, tp: int, dk: int, chunk: int):
     return tok, jnp.broadcast_to(a, (b, h, n, dk))
 
 
+def _chunk_g(g, b: int, h: int, tp: int, chunk: int):
+    """Chunk-local inclusive cumsum of a per-channel log gate: ``[B, H, Tp, Dk]`` -> ``[B, H, N, C, Dk]`` fp32."""
+    return jnp.cumsum(g.astype(F32).reshape(b, h, tp // chunk, chunk, -1), axis=3)
+
+
+def anchorable(g, chunk: int):
+    """Scalar bool: every chunk's per-channel span ``max G − min G`` of the clamped per-channel log gate
+    ``g [B, H, Tp, Dk]`` is at most :data:`ANCHOR_SPAN` (the kernel's validity condition)."""
+    b, h, tp, _ = g.shape
+    big_g = _chunk_g(g, b, h, tp, chunk)
+    return jnp.all(big_g.max(axis=3) - big_g.min(axis=3) <= ANCHOR_SPAN)
+
+
+class ChannelLanes(NamedTuple):
+    tok: Any  # [B, H, 5, Tp] fp32 token rows with G = 0 (Γ is the mask) and 0/1 wq, wk
+    decay: Any  # [B, H, N, Dk] fp32 exp(G_C), 0 if the chunk has a reset
+    anc: Any  # [B, H, N, 2, Dk] fp32 exp(m), exp(G_C − m)
+    eq: Any  # [B, H, Tp, Dk] fp32 exp(G − m)
+    ek: Any  # [B, H, Tp, Dk] fp32 exp(m − G)
+
+
+def channel_lanes(g, resets, b: int, h: int, tp: int, dk: int, chunk: int) -> ChannelLanes:
+    """The per-channel (anchored) kernel inputs from the clamped log gate ``g [B, H, Tp, Dk]``.
+
+    ``m`` is the middle of each chunk's and channel's range of G, so on an :func:`anchorable` input
+    ``exp(±(G − m))`` and ``exp(G_C − m)`` lie within ``e^{±ANCHOR_SPAN/2}``; ``exp(m) ≤ 1`` for gates ≤ 0.
+    The token rows are :func:`chunk_lanes` of no gate (G = 0: Γ is the causal-segment mask; wq, wk masks).
+    """
+    n = tp // chunk
+    tok, _ = chunk_lanes(None, resets, b, h, tp, dk, chunk)
+    big_g = _chunk_g(g, b, h, tp, chunk)  # [B, H, N, C, Dk]
+    m = 0.5 * (big_g.max(axis=3, keepdims=True) + big_g.min(axis=3, keepdims=True))
+    g_c = big_g[:, :, :, -1]  # [B, H, N, Dk]
+    if resets is None:
+        carry = jnp.ones((b, 1, n, 1), bool)
+    else:
+        carry = ~jnp.any(resets.reshape(b, 1, n, chunk), axis=-1, keepdims=True)
+    decay = jnp.exp(jnp.where(carry, g_c, -jnp.inf))
+    anc = jnp.stack([jnp.exp(m[:, :, :, 0]), jnp.exp(g_c - m[:, :, :, 0])], axis=3)
+    eq = jnp.exp(big_g - m).reshape(b, h, tp, dk)
+    ek = jnp.exp(m - big_g).reshape(b, h, tp, dk)
+    return ChannelLanes(tok, decay, anc, eq, ek)
+
+
 def _check(cfg: GLAGpuConfig, q, k, v, g, h0, resets):
     b, h, tp, dk = q.shape
     dv = v.shape[-1]
@@ -433,8 +536,13 @@ def _check(cfg: GLAGpuConfig, q, k, v, g, h0, resets):
         raise ValueError(f"Dk={dk} must be a multiple of 64 and <= {MAX_TMA_BOX}")
     if dv % tl.block_dv:
         raise ValueError(f"Dv={dv} must be a multiple of block_dv={tl.block_dv}")
-    if g is not None and g.shape != (b, h, tp):
-        raise ValueError(f"g must be [B, H, Tp] = {(b, h, tp)}; got {g.shape}")
+    want = (b, h, tp, dk) if cfg.gate == "channel" else (b, h, tp)
+    if g is not None and g.shape != want:
+        raise ValueError(f"g must be {'[B, H, Tp, Dk]' if len(want) == 4 else '[B, H, Tp]'} = {want}; "
+                         f"got {g.shape}")
+    if cfg.gate == "channel" and q.dtype == jnp.float16:
+        raise ValueError("per-channel gates take bf16 / fp32 operands: the anchored factors (up to e^20) "
+                         "overflow fp16")
     if (g is None) != (cfg.gate == "none"):
         raise ValueError(f"gate={cfg.gate!r} but g is {'None' if g is None else 'given'}")
     if h0 is not None and h0.shape != (b, h, dk, dv):
@@ -447,11 +555,20 @@ def _zeros_h0(q, v):
     return jnp.zeros(q.shape[:2] + (q.shape[-1], v.shape[-1]), F32)
 
 
+def _anchored(q, k, lanes: ChannelLanes):
+    """Q ⊙ exp(G − m), K ⊙ exp(m − G) in the operand dtype."""
+    return ((q.astype(F32) * lanes.eq).astype(q.dtype), (k.astype(F32) * lanes.ek).astype(k.dtype))
+
+
 def _forward(cfg: GLAGpuConfig, q, k, v, g, h0, resets, save_states: bool):
     _check(cfg, q, k, v, g, h0, resets)
     b, h, tp, dk = q.shape
-    tok, decay = chunk_lanes(g, resets, b, h, tp, dk, cfg.tiles.chunk)
     h0 = _zeros_h0(q, v) if h0 is None else h0.astype(F32)
+    if cfg.gate == "channel":
+        lanes = channel_lanes(g, resets, b, h, tp, dk, cfg.tiles.chunk)
+        qa, ka = _anchored(q, k, lanes)
+        return _fwd_call(cfg, qa, ka, v, lanes.tok, lanes.decay, h0, save_states, lanes.anc)
+    tok, decay = chunk_lanes(g, resets, b, h, tp, dk, cfg.tiles.chunk)
     return _fwd_call(cfg, q, k, v, tok, decay, h0, save_states)
 
 
@@ -476,19 +593,30 @@ def _core_bwd(cfg, res, cts):
     q, k, v, g, h0, resets, states, sf = res
     do, dsf = cts
     b, h, tp, dk = q.shape
-    tok, decay = chunk_lanes(g, resets, b, h, tp, dk, cfg.tiles.chunk)
+    chan = cfg.gate == "channel"
     dsf = jnp.zeros_like(sf) if dsf is None else dsf.astype(F32)
     do = (do.astype(F32) * cfg.scale).astype(q.dtype)  # o = scale · (...): fold the scale into dO
-    dqt, dkt, dv, dpd, dh0 = _bwd_call(cfg, q, k, v, do, tok, decay, states, dsf)
+    if chan:
+        lanes = channel_lanes(g, resets, b, h, tp, dk, cfg.tiles.chunk)
+        qa, ka = _anchored(q, k, lanes)
+        dqt, dkt, dv, dpd, dh0 = _bwd_call(cfg, qa, ka, v, do, lanes.tok, lanes.decay, states, dsf, lanes.anc)
+    else:
+        tok, decay = chunk_lanes(g, resets, b, h, tp, dk, cfg.tiles.chunk)
+        dqt, dkt, dv, dpd, dh0 = _bwd_call(cfg, q, k, v, do, tok, decay, states, dsf)
     dq_nd = jnp.swapaxes(jnp.sum(dqt, axis=0), 2, 3)  # without the i = j term
     dk_nd = jnp.swapaxes(jnp.sum(dkt, axis=0), 2, 3)
+    if chan:  # gradients of the anchored operands -> of q, k
+        dq_nd, dk_nd = dq_nd * lanes.eq, dk_nd * lanes.ek
     dpd = jnp.sum(dpd, axis=0)[..., None]
     qf, kf = q.astype(F32), k.astype(F32)
     dg = None
     if g is not None:
         if cfg.gate_grad:
-            dlb = jnp.sum(qf * dq_nd - kf * dk_nd, axis=-1)  # d log b (the i = j term cancels exactly)
-            dlb = dlb.at[:, :, -1].add(jnp.sum(sf * dsf, axis=(-2, -1)))  # the final-state term
+            dlb = qf * dq_nd - kf * dk_nd  # d log b (the i = j term cancels exactly)
+            final = jnp.sum(sf * dsf, axis=-1)  # the final-state term, per channel [B, H, Dk]
+            if not chan:
+                dlb, final = jnp.sum(dlb, axis=-1), jnp.sum(final, axis=-1)
+            dlb = dlb.at[:, :, -1].add(final)
             dg = segmented_reverse_cumsum(dlb, resets).astype(g.dtype)
         else:
             dg = jnp.zeros_like(g)
@@ -509,19 +637,70 @@ def _to_kernel(x, tp):
     return jnp.moveaxis(x, 2, 1)
 
 
+def exact_channel(cfg: GLAGpuConfig, q, k, v, g, h0, resets):
+    """The exact per-channel chunked recurrence in plain jnp (fp32), kernel layout like :func:`gla_core`: the
+    path for gates too wide for the anchored kernel (some chunk's per-channel span > :data:`ANCHOR_SPAN`).
+
+    A ``lax.scan`` over chunks (rematerialized: residuals are the chunk-start states) that forms
+    ``exp(G_i − G_j)`` per channel masked in log space (``[B, H, C, C, Dk]`` per step, no positive
+    exponent); differentiated by JAX. Slow next to the kernel, but exact for any gate.
+    """
+    b, h, tp, dk = q.shape
+    dv = v.shape[-1]
+    c = cfg.tiles.chunk
+    n = tp // c
+    odt = jnp.dtype(cfg.out_dtype) if cfg.out_dtype else q.dtype
+    if not cfg.gate_grad:
+        g = lax.stop_gradient(g)
+    big_g = _chunk_g(g, b, h, tp, c)
+    if resets is None:
+        seg = jnp.zeros((b, 1, n, c), jnp.int32)
+    else:
+        seg = jnp.cumsum(resets.astype(jnp.int32).reshape(b, 1, n, c), axis=-1)
+    split = lambda x: jnp.moveaxis(x.astype(F32).reshape(b, h, n, c, -1), 2, 0)  # noqa: E731
+    xs = (split(q), split(k), split(v), jnp.moveaxis(big_g, 2, 0), jnp.moveaxis(seg, 2, 0))
+    causal = jnp.arange(c)[:, None] >= jnp.arange(c)[None, :]
+    hi = lax.Precision.HIGHEST
+
+    @jax.checkpoint
+    def step(s, x):
+        qc, kc, vc, gc, sc = x  # [B, H, C, D] ..., seg [B, 1, C]
+        ok = causal & (sc[..., :, None] == sc[..., None, :])  # [B, 1, C, C]
+        first, last = sc == 0, sc == sc[..., -1:]
+        carry = sc[..., -1:] == 0  # [B, 1, 1]
+        gam = jnp.exp(jnp.where(ok[..., None], gc[..., :, None, :] - gc[..., None, :, :], -jnp.inf))
+        p = jnp.einsum("bhid,bhjd,bhijd->bhij", qc, kc, gam, precision=hi)
+        g_c = gc[..., -1:, :]  # [B, H, 1, Dk]
+        wq = jnp.exp(jnp.where(first[..., None], gc, -jnp.inf))
+        wk = jnp.exp(jnp.where(last[..., None], g_c - gc, -jnp.inf))
+        a = jnp.exp(jnp.where(carry[..., None], g_c, -jnp.inf))[..., 0, :]  # [B, H, Dk]
+        o = (jnp.einsum("bhcd,bhde->bhce", qc * wq, s, precision=hi)
+             + jnp.einsum("bhij,bhje->bhie", p, vc, precision=hi))
+        s = a[..., None] * s + jnp.einsum("bhcd,bhce->bhde", kc * wk, vc, precision=hi)
+        return s, o * cfg.scale
+
+    s0 = _zeros_h0(q, v) if h0 is None else h0.astype(F32)
+    sf, o = lax.scan(step, s0, xs)
+    o = jnp.moveaxis(o, 0, 2).reshape(b, h, tp, dv)
+    return o.astype(odt), sf
+
+
 def gated_linear_attention(cfg: GLAGpuConfig, q, k, v, g=None, initial_state=None, resets=None):
     """The chunked recurrence in the API layout. Returns ``o [B, T, H, Dv]`` (``cfg.out_dtype``, default the
     input dtype) and the final state fp32 ``[B, H, Dk, Dv]``.
 
     q, k ``[B, T, H, Dk]``, v ``[B, T, H, Dv]`` (one dtype: the ``wgmma`` operand dtype); g log decay
-    ``[B, T, H]`` (``cfg.gate == "scalar"``; clamped here at ``LOG_GATE_FLOOR``, so ``-inf`` is a hard reset)
-    or None (``"none"``); a per-channel ``[B, T, H, Dk]`` gate raises ``NotImplementedError``;
+    ``[B, T, H]`` (``cfg.gate == "scalar"``; clamped here at ``LOG_GATE_FLOOR``, so ``-inf`` is a hard reset),
+    per channel ``[B, T, H, Dk]`` (``"channel"``, bf16 / fp32 only: the anchored kernel when every chunk's
+    per-channel span is at most :data:`ANCHOR_SPAN` nats, else, chosen for the whole call by ``lax.cond``,
+    the exact jnp path :func:`exact_channel`) or None (``"none"``);
     initial_state fp32 ``[B, H, Dk, Dv]`` or None; resets bool ``[B, T]`` (state zeroed before the token)
     or None. Dk a multiple of 64 (<= 256), Dv a multiple of ``cfg.tiles.block_dv``; T is padded to the chunk.
     Differentiable in q, k, v, g (zeros if ``cfg.gate_grad`` is False) and initial_state.
     """
-    if g is not None and jnp.ndim(g) == 4:
-        raise NotImplementedError("per-channel gates (gla) are not implemented in the Mosaic GPU kernel yet")
+    if (cfg.gate == "channel") != (g is not None and jnp.ndim(g) == 4):
+        want = "a [B, T, H, Dk]" if cfg.gate == "channel" else "no or a [B, T, H]"
+        raise ValueError(f"gate={cfg.gate!r} needs {want} g; got {None if g is None else jnp.shape(g)}")
     t = q.shape[1]
     c = cfg.tiles.chunk
     tp = -(-t // c) * c
@@ -531,5 +710,11 @@ def gated_linear_attention(cfg: GLAGpuConfig, q, k, v, g=None, initial_state=Non
     rk = None
     if resets is not None:
         rk = jnp.pad(jnp.asarray(resets, bool), [(0, 0), (0, tp - t)])
-    o, sf = gla_core(cfg, qk, kk, vk, gk, initial_state, rk)
+    if cfg.gate == "channel":
+        _check(cfg, qk, kk, vk, gk, initial_state, rk)
+        o, sf = lax.cond(anchorable(gk, c),
+                         lambda *a: gla_core(cfg, *a, rk), lambda *a: exact_channel(cfg, *a, rk),
+                         qk, kk, vk, gk, initial_state)
+    else:
+        o, sf = gla_core(cfg, qk, kk, vk, gk, initial_state, rk)
     return jnp.moveaxis(o, 1, 2)[:, :t], sf

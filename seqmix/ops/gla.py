@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from seqmix.ops import _checks, _gated_chunk, _op_docs, _recurrent, _registry
 from seqmix.ops._recurrent import RecurrentCall, prepare_recurrent, scan_reference
+from seqmix.ops.gpu import recurrent as gpu_recurrent
 from seqmix.ops.tpu import recurrent as tpu_recurrent
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -78,7 +79,7 @@ gla = _registry.define_family(
     "gla", kind="recurrent", prepare=prepare_gla, doc=DOC,
     summary="Gated Linear Attention: S_t = Diag(exp(g_t)) S_{t-1} + k_t v_tᵀ with a per-channel log gate.",
     reference=gla_reference, xla=gla_xla, describe=_gated_chunk.describe,
-    kernels=(tpu_recurrent.gated_linear(),),
+    kernels=(tpu_recurrent.gated_linear(), gpu_recurrent.gated_linear()),
     args=(_recurrent.gate_arg("channel"),),
     state=_recurrent.state_spec, decode=gla_step, decode_doc="gla_step (recurrent state)",
     sequence_parallel=("lasp2", "lasp1"), sp_summary=_recurrent.gated_summary,

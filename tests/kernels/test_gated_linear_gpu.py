@@ -5,7 +5,9 @@ Forward (o, final state) and VJP (dq, dk, dv, dg, d initial_state; random cotang
 state) at small shapes with the interpreter tiles (64-token chunks, 64-column Dv tiles): lengths that are
 not chunk multiples (the wrapper pads), packed documents (segment resets inside and on chunk boundaries),
 an initial state, Dv split over two tiles, hard gates (``-inf``, ``-1e30``, exact zeros and gates near 0),
-no decay (``linear_attention``), constant decay (``retention``), fp32 and bf16, with the race detector on.
+no decay (``linear_attention``), constant decay (``retention``), per-channel gates (``gla``: the anchored
+kernel, and the exact jnp path the wrapper takes when a chunk's per-channel span exceeds ``ANCHOR_SPAN``),
+fp32 and bf16, with the race detector on.
 Tolerances: ``seqmix.testing`` (fp32 / recurrent_bf16). Larger sweeps are ``slow``.
 """
 
@@ -81,7 +83,11 @@ def _inputs(b, t, h, dk, dv, dtype, seed=0, gate="scalar"):
     q = jax.random.normal(ks[0], (b, t, h, dk), jnp.float32).astype(dtype)
     k = jax.random.normal(ks[1], (b, t, h, dk), jnp.float32).astype(dtype)
     v = jax.random.normal(ks[2], (b, t, h, dv), jnp.float32).astype(dtype)
-    g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h), jnp.float32) + 2.0) if gate == "scalar" else None
+    g = None
+    if gate == "scalar":
+        g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h), jnp.float32) + 2.0)
+    elif gate == "channel":  # typical GLA gates: logsigmoid(normal + 4) per channel
+        g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h, dk), jnp.float32) + 4.0)
     h0 = 0.1 * jax.random.normal(ks[4], (b, h, dk, dv), jnp.float32)
     do = jax.random.normal(ks[5], (b, t, h, dv), jnp.float32).astype(dtype)
     dsf = jax.random.normal(ks[6], (b, h, dk, dv), jnp.float32)
@@ -122,6 +128,7 @@ def _simple_gla_case(b, t, h, dk, dv, dtype, seg=None, seed=0, g=None, tiles=gl.
 # ----------------------------------------------------------------------------- simple_gla
 
 
+@pytest.mark.slow  # the registry conformance suite covers simple_gla fp32/bf16 in the default run
 def test_simple_gla_fp32_segments_two_dv_tiles():
     """T = 150 (padded to 3 chunks), documents ending inside a chunk and exactly on a chunk boundary, a
     length-1 document, Dv = 128 over two Dv tiles, an initial state."""
@@ -129,6 +136,7 @@ def test_simple_gla_fp32_segments_two_dv_tiles():
     _simple_gla_case(2, 150, 2, 64, 128, jnp.float32, seg=seg)
 
 
+@pytest.mark.slow  # the registry conformance suite covers simple_gla fp32/bf16 in the default run
 def test_simple_gla_bf16():
     seg = _segments(1, 100, [(30,)])
     _simple_gla_case(1, 100, 2, 64, 64, jnp.bfloat16, seg=seg, seed=1)
@@ -148,6 +156,7 @@ def test_simple_gla_hard_gates():
     _simple_gla_case(b, t, h, d, d, jnp.float32, g=jnp.asarray(g), seed=2)
 
 
+@pytest.mark.slow  # the registry conformance suite covers simple_gla fp32/bf16 in the default run
 def test_simple_gla_strong_decay_fp32():
     """Gates logsigmoid(x)/0.1 (fast decay) with segments, fp32."""
     b, t, h, d = 1, 80, 1, 64
@@ -206,6 +215,99 @@ def test_forward_only_no_initial_state():
         assert_close(got, want, role="gate" if name == "dg" else "grad", name=name)
 
 
+# ----------------------------------------------------------------------------- gla (per-channel gates)
+
+
+def _kernel_g(g, t, chunk=gl.INTERPRET_TILES.chunk):
+    """The clamped per-channel gate in kernel layout ``[B, H, Tp, Dk]`` (what :func:`gl.anchorable` reads)."""
+    tp = -(-t // chunk) * chunk
+    return gl._to_kernel(gl.bounded_log_gate(g), tp)
+
+
+def _gla_case(b, t, h, dk, dv, dtype, seg=None, seed=0, g=None, tiles=gl.INTERPRET_TILES, anchored=True,
+              h0=True):
+    q, k, v, g0, h0_, do, dsf = _inputs(b, t, h, dk, dv, dtype, seed, gate="channel")
+    g = g0 if g is None else g
+    # which path the wrapper takes: the anchored kernel, or the exact jnp path for wide spans
+    assert bool(gl.anchorable(_kernel_g(g, t, tiles.chunk), tiles.chunk)) == anchored
+    cfg = _cfg(dk, gate="channel", tiles=tiles)
+    resets = None if seg is None else _resets(seg)
+
+    def kernel_fn(q, k, v, g, *h0):
+        return gl.gated_linear_attention(cfg, q, k, v, g, initial_state=h0[0] if h0 else None, resets=resets)
+
+    def ref_fn(q, k, v, g, *h0):
+        return ops.gla(q, k, v, g, initial_state=h0[0] if h0 else None, return_state=True, segment_ids=seg,
+                       impl="reference")
+
+    names = ["dq", "dk", "dv", "dg"] + (["dh0"] if h0 else [])
+    args = (q, k, v, g) + ((h0_,) if h0 else ())
+    _check_against(kernel_fn, ref_fn, args, (do, dsf), dtype, names)
+    _assert_no_races()
+
+
+def _assert_no_races():
+    """The interpreter's race detector (on in ``_cfg``) flagged nothing so far (where this jax exposes it)."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    except ImportError:  # pragma: no cover - another jax
+        return
+    races = getattr(gpu_callbacks, "_races", None)
+    assert races is None or not races.races_found
+
+
+def test_gla_fp32_segments_hard_resets_two_dv_tiles():
+    """Per-channel gates, fp32: T = 150 (padded to 3 chunks), documents ending inside a chunk and on a chunk
+    boundary, a length-1 document, Dv = 128 over two Dv tiles, an initial state, hard resets (g = -inf,
+    clamped to -30: a chunk's span ~31 nats, still anchored) on every channel and on some channels only."""
+    b, t, h, d = 2, 150, 1, 64
+    g = np.asarray(_inputs(b, t, h, d, d, jnp.float32, seed=0, gate="channel")[3]).copy()
+    g[0, 5, 0, :] = -np.inf
+    g[1, 70, 0, ::3] = -np.inf
+    g[0, 128, :, 7] = -np.inf  # a chunk's first token
+    g[0, 100, 0, :] = -1e30
+    seg = _segments(b, t, [(40, 1, 69), (64,)])
+    _gla_case(b, t, h, d, 2 * d, jnp.float32, seg=seg, g=jnp.asarray(g))
+
+
+def test_gla_bf16_segments():
+    seg = _segments(1, 100, [(30,)])
+    g = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(11), (1, 100, 2, 64)) + 4.0)
+    g = g.at[0, 50, 1, :32].set(-jnp.inf)
+    _gla_case(1, 100, 2, 64, 64, jnp.bfloat16, seg=seg, seed=1, g=g)
+
+
+def test_gla_bf16_span_near_the_limit():
+    """bf16, gates -0.12 per token plus a hard reset (clamped -30) in two chunks: spans ~37.7 nats, anchored
+    factors near e^{±19}, no initial state and no segments."""
+    b, t, h, d = 1, 100, 1, 64
+    g = jnp.full((b, t, h, d), -0.12).at[:, 20].set(-jnp.inf).at[:, 90].set(-jnp.inf)
+    _gla_case(b, t, h, d, d, jnp.bfloat16, seed=14, g=g, h0=False)
+
+
+def test_gla_wide_span_takes_the_exact_path():
+    """Two hard resets in one chunk (span ~60 nats > ANCHOR_SPAN): the wrapper's ``lax.cond`` takes the exact
+    jnp path, which must still match the reference (forward and gradients), no initial state."""
+    b, t, h, d = 1, 80, 1, 64
+    g = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(12), (b, t, h, d)) + 4.0)
+    g = g.at[0, 10, 0, 3].set(-jnp.inf).at[0, 20, 0, 3].set(-jnp.inf)
+    _gla_case(b, t, h, d, d, jnp.float32, seg=_segments(b, t, [(33,)]), seed=12, g=g, anchored=False, h0=False)
+
+
+def test_gla_anchor_span_rule():
+    """The span rule per chunk and channel: 40 nats in one chunk is anchored, 40.5 is not; a wide span in
+    one channel of one chunk sends the whole call to the exact path."""
+    g = jnp.zeros((1, 1, 128, 64))
+    assert bool(gl.anchorable(g.at[0, 0, 3, 5].set(-40.0), 64))
+    assert not bool(gl.anchorable(g.at[0, 0, 3, 5].set(-40.5), 64))
+    # -25 at the end of chunk 0 and -25 at the start of chunk 1: each chunk spans 25 only
+    assert bool(gl.anchorable(g.at[0, 0, 63, 5].set(-25.0).at[0, 0, 64, 5].set(-25.0), 64))
+    lanes = gl.channel_lanes(g.at[0, 0, 3, 5].set(-30.0), None, 1, 1, 128, 64, 64)
+    assert float(jnp.max(lanes.eq)) <= np.exp(20.0) * (1 + 1e-6)
+    assert float(jnp.max(lanes.ek)) <= np.exp(20.0) * (1 + 1e-6)
+    assert float(jnp.max(lanes.anc)) <= 1.0
+
+
 # ----------------------------------------------------------------------------- linear_attention, retention
 
 
@@ -252,20 +354,26 @@ def test_retention_constant_decay():
 def test_refusals():
     q = jnp.zeros((1, 64, 1, 64), jnp.float32)
     cfg = _cfg(64)
-    with pytest.raises(NotImplementedError, match="per-channel"):
+    with pytest.raises(ValueError, match="gate='scalar' needs"):
         gl.gated_linear_attention(cfg, q, q, q, jnp.zeros((1, 64, 1, 64)))
+    with pytest.raises(ValueError, match="gate='channel' needs"):
+        gl.gated_linear_attention(_cfg(64, gate="channel"), q, q, q, jnp.zeros((1, 64, 1)))
+    q16 = q.astype(jnp.float16)
+    with pytest.raises(ValueError, match="fp16"):
+        gl.gated_linear_attention(_cfg(64, gate="channel"), q16, q16, q16, jnp.zeros((1, 64, 1, 64)))
     with pytest.raises(ValueError, match="multiple of 64"):
         gl.GLATiles(chunk=32)
     with pytest.raises(ValueError, match="multiple of 64"):
         gl.gated_linear_attention(cfg, q[..., :32], q[..., :32], q, jnp.zeros((1, 64, 1)))
     with pytest.raises(ValueError, match="gate"):
-        gl.GLAGpuConfig(scale=1.0, gate="channel")
+        gl.GLAGpuConfig(scale=1.0, gate="vector")
 
 
 def test_h100_tiles_fit_shared_memory():
     for dtype in (jnp.bfloat16, jnp.float16):
-        sizes = gl.smem_bytes(gl.H100_TILES, 128, 128, dtype)
-        assert max(sizes.values()) <= gl.MAX_SMEM_BYTES, sizes
+        for gate in ("scalar", "channel"):
+            sizes = gl.smem_bytes(gl.H100_TILES, 128, 128, dtype, gate)
+            assert max(sizes.values()) <= gl.MAX_SMEM_BYTES, sizes
 
 
 def test_chunk_lanes_hard_reset_and_decay():
@@ -289,6 +397,24 @@ def test_simple_gla_production_shape_slow(dtype):
     tiles = gl.GLATiles(chunk=128, block_dv=128)
     seg = _segments(1, 300, [(100, 128)])
     _simple_gla_case(1, 300, 1, 128, 128, dtype, seg=seg, seed=7, tiles=tiles)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gla_production_shape_slow(dtype):
+    """Per-channel gates at Dk = Dv = 128, 128-token chunks and Dv tiles, 300 tokens, documents, a hard reset."""
+    tiles = gl.GLATiles(chunk=128, block_dv=128)
+    seg = _segments(1, 300, [(100, 128)])
+    g = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(8), (1, 300, 1, 128)) + 4.0)
+    g = g.at[0, 150, 0, ::2].set(-jnp.inf)
+    _gla_case(1, 300, 1, 128, 128, dtype, seg=seg, seed=8, g=g, tiles=tiles)
+
+
+@pytest.mark.slow
+def test_gla_wide_span_bf16_slow():
+    """bf16 on the exact path (strong decays logsigmoid(x)/0.1: spans of hundreds of nats per chunk)."""
+    g = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(13), (1, 100, 2, 64))) / 0.1
+    _gla_case(1, 100, 2, 64, 64, jnp.bfloat16, seg=_segments(1, 100, [(37,)]), seed=13, g=g, anchored=False)
 
 
 def test_race_detector_clean():

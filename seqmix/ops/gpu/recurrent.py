@@ -1,10 +1,10 @@
 """The gated-linear families on NVIDIA Hopper: lowers a :class:`RecurrentCall` to the Mosaic GPU kernel.
 
-:mod:`pallas_kernels.gpu.gated_linear` runs the chunked recurrence with no decay or a scalar decay per
-head and token (``retention``, ``simple_gla``; each family's op file registers
-:func:`gated_linear`), with initial / final state, segment resets and its own ``custom_vjp``. Per-channel
-decay (``gla``) is not in the kernel yet, so ``gla`` registers no ``pallas_gpu``; nor does
-``linear_attention``: in bf16 its normalized form's dq misses the conformance tolerance by a hair (rms
+:mod:`pallas_kernels.gpu.gated_linear` runs the chunked recurrence with a scalar decay per head and token
+(``retention``, ``simple_gla``) or a per-channel one (``gla``: the anchored one-matmul form; a call
+whose gates span more than 40 nats in a chunk takes the kernel module's exact plain-jnp path), with
+initial / final state, segment resets and its own ``custom_vjp``; each family's op file registers
+:func:`gated_linear`. ``linear_attention`` registers no ``pallas_gpu``: in bf16 its normalized form's dq misses the conformance tolerance by a hair (rms
 0.00802 against 0.008; ``retention`` and ``simple_gla`` pass). The kernel rounds P and dA to bf16 for the
 second ``wgmma`` where the XLA form keeps them fp32; splitting the state operand into bf16 hi + lo
 (tried) did not move it, so the rounding of dA / dO is the lead.
@@ -28,10 +28,16 @@ COMPILED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # 16-bit wg
 INTERPRETED_DTYPES = COMPILED_DTYPES + (jnp.dtype(jnp.float32),)
 
 
+def _gate(call: RecurrentCall) -> str:
+    if call.g is None:
+        return "none"
+    return "scalar" if call.g.ndim == 3 else "channel"
+
+
 def _config(call: RecurrentCall) -> gl_kernel.GLAGpuConfig:
     interpret = _target.gpu_interpret_params()
     return gl_kernel.GLAGpuConfig(
-        scale=float(call.scale), gate="none" if call.g is None else "scalar",
+        scale=float(call.scale), gate=_gate(call),
         gate_grad=call.gate_grad and call.g is not None,
         out_dtype="float32" if call.post is not None else None,
         tiles=gl_kernel.H100_TILES if interpret is None else gl_kernel.INTERPRET_TILES, interpret=interpret)
@@ -50,10 +56,10 @@ def _run(call: RecurrentCall):
 
 
 def _supports(call: RecurrentCall) -> str | None:
-    if call.g is not None and call.g.ndim == 4:
-        return "per-channel decay: the Mosaic GPU gated-linear kernel takes no or scalar gates (not yet gla's)"
     interpret = _target.gpu_interpret_params()
     dtype = jnp.dtype(call.q.dtype)
+    if _gate(call) == "channel" and dtype == jnp.dtype(jnp.float16):
+        return "per-channel gates in float16: the anchored factors (up to e^20) would overflow; use bfloat16"
     allowed = COMPILED_DTYPES if interpret is None else INTERPRETED_DTYPES
     if dtype not in allowed:
         return f"dtype {dtype}: the Mosaic GPU kernel takes {', '.join(d.name for d in allowed)} here"
@@ -72,7 +78,7 @@ def _describe(call: RecurrentCall) -> str:
 
 def device_case(call: RecurrentCall) -> str:
     """The key a real-GPU run records: dtype / gate kind / head dims / segments."""
-    gate = "none" if call.g is None else "scalar"
+    gate = _gate(call)
     seg = "/segments" if call.resets is not None else ""
     return f"{jnp.dtype(call.q.dtype).name}/{gate}/d{call.q.shape[-1]}v{call.v.shape[-1]}{seg}"
 
