@@ -174,8 +174,9 @@ DOC = _op_docs.compose(
                      "missing key (an empty cache slot).",
      "relative_positions": "``(q_rel, kv_rel)`` positions inside documents (normally derived from "
                            "``segment_ids``).",
-     "block_q": "query rows per block of the chunked form (a multiple of 8; a performance knob).",
-     "block_kv": "key rows per block of the chunked form (a multiple of 8).",
+     "block_q": "query rows per block of the chunked form (a multiple of 8; a performance knob; default: "
+                "chosen per platform, mask and length by ``seqmix.ops.xla_tiles``).",
+     "block_kv": "key rows per block of the chunked form (a multiple of 8; default as for ``block_q``).",
      "impl": "``None`` (the fastest implementation with test evidence on this platform, else ``\"xla\"``), "
              "or a name: ``\"reference\"`` (materialized fp32 softmax), ``\"xla\"`` (online softmax over "
              "blocks, O(T·block) memory), ``\"pallas_tpu\"``, ``\"pallas_gpu\"`` (Mosaic GPU kernels), ``\"cudnn\"`` (GPU: "

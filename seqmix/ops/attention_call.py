@@ -14,6 +14,7 @@ import numpy as np
 
 from seqmix.ops import _checks
 from seqmix.ops import masks as masks_lib
+from seqmix.ops import xla_tiles
 
 Array = Any
 
@@ -53,12 +54,13 @@ def _default_block(length: int, preferred: int) -> int:
 
 def prepare_attention(q, k, v, *, mask=None, segment_ids=None, scale=None, sink_logits=None,
                       soft_cap=None, return_lse=False, q_positions=None, kv_positions=None,
-                      relative_positions=None, block_q=128, block_kv=128) -> AttentionCall:
+                      relative_positions=None, block_q=None, block_kv=None) -> AttentionCall:
     """Validate ``attention``'s arguments (see the module docstring) into an :class:`AttentionCall`.
 
     Extra keywords: ``q_positions [Tq]`` / ``kv_positions [S]`` (int32, default bottom-right aligned;
     a negative kv position marks a missing key), ``relative_positions = (q_rel, kv_rel)`` (positions
-    inside segments, normally derived from ``segment_ids``), ``block_q`` / ``block_kv`` (XLA tiles).
+    inside segments, normally derived from ``segment_ids``), ``block_q`` / ``block_kv`` (XLA tiles; None:
+    :func:`seqmix.ops.xla_tiles.choose` picks them for the platform, mask and lengths).
     ``segment_ids`` is ``[B, T]`` for self-attention or a pair ``(q_seg [B, Tq], kv_seg [B, S])``.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -118,6 +120,10 @@ def prepare_attention(q, k, v, *, mask=None, segment_ids=None, scale=None, sink_
                                           (jnp.shape(relative_positions[0])[0], tq), "[batch or 1, q_seq]")
         kv_rel = _checks.require_int_array("relative_positions[1]", relative_positions[1],
                                            (jnp.shape(relative_positions[1])[0], s), "[batch or 1, kv_seq]")
+    if block_q is None or block_kv is None:
+        chosen = xla_tiles.choose(mask, tq, s, b * hq)
+        block_q = chosen[0] if block_q is None else block_q
+        block_kv = chosen[1] if block_kv is None else block_kv
     for name, val in (("block_q", block_q), ("block_kv", block_kv)):
         if not isinstance(val, int) or val < 1 or val % 8:
             raise ValueError(f"{name} must be a positive multiple of 8; got {val!r}")

@@ -1,7 +1,7 @@
 """``neighborhood_attention``: NATTEN's 1-D / 2-D / 3-D neighborhood attention, its family record.
 
 ``neighborhood_attention(q, k, v, *, kernel_size, dilation=1, stride=1, is_causal=False, scale=None,
-return_lse=False, block_q=128, block_kv=128, impl=None)``
+return_lse=False, block_q=None, block_kv=None, impl=None)``
 
 q ``[B, X, H, D]``, ``[B, X, Y, H, D]`` or ``[B, X, Y, Z, H, D]``; k, v the same grid with ``Hkv`` heads
 (``H % Hkv == 0``: GQA/MQA). Returns o ``[B, *grid, H, Dv]`` in q's dtype (and lse ``[B, H, *grid]`` fp32
@@ -45,7 +45,8 @@ class NeighborhoodCall:
 
 
 def prepare_neighborhood(q, k, v, *, kernel_size, dilation=1, stride=1, is_causal=False, scale=None,
-                         return_lse: bool = False, block_q: int = 128, block_kv: int = 128) -> NeighborhoodCall:
+                         return_lse: bool = False, block_q: int | None = None,
+                         block_kv: int | None = None) -> NeighborhoodCall:
     """Validate the op's arguments (see the module docstring) into a :class:`NeighborhoodCall`."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not 4 <= len(jnp.shape(x)) <= 6:
@@ -120,7 +121,7 @@ DOC = _op_docs.compose(
      "is_causal": "bool or one bool per dimension: the window ends at the query (default False).",
      "scale": "logit scale; default ``1/sqrt(D)``.",
      "return_lse": "also return the fp32 log-sum-exp ``[B, H, *grid]``.",
-     "block_q": "query tile of the flash forms (a multiple of 8).",
+     "block_q": "query tile of the xla form (a multiple of 8; default: ``seqmix.ops.xla_tiles``' choice).",
      "block_kv": "key tile of the flash forms (a multiple of 8).",
      "impl": "None (automatic), or ``\"reference\"``, ``\"xla\"``, ``\"pallas_tpu\"``."},
     "o ``[B, *grid, H, Dv]`` in q's dtype, or ``(o, lse)`` with ``return_lse``.",
