@@ -73,7 +73,7 @@ CASES = {  # B, T, Hq, Hkv, dtype, mask, segments, sinks, soft cap
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "prefix_lm" else n for n in CASES])
 def test_attention_matches_reference(name):
     b, t, hq, hkv, dtype, mask, docs, sinks, cap = CASES[name]
     q, k, v, do, dlse, sink = _inputs(b, t, hq, hkv, 64, dtype)

@@ -142,17 +142,20 @@ def test_full_mask_ragged_lengths():
 
 
 @needs_interpreter
+@pytest.mark.slow  # the registry-level cases (test_attention_pallas_gpu.py) cover it in the default run
 def test_causal_gqa():
     compare(hq=4, hkv=2, t=96, pred=C.Pred("causal"), seed=1)
 
 
 @needs_interpreter
+@pytest.mark.slow  # the registry-level cases (test_attention_pallas_gpu.py) cover it in the default run
 def test_sliding_window_three_blocks():
     # window 40 < block: the first kv block of the third q block is EMPTY, diagonal blocks PARTIAL
     compare(t=150, pred=C.Pred("window", window=40), seed=2)
 
 
 @needs_interpreter
+@pytest.mark.slow  # the registry-level cases (test_attention_pallas_gpu.py) cover it in the default run
 def test_packed_documents():
     compare(b=2, t=120, pred=C.Pred("causal", segments=True), seg_lens=[[50, 70], [30, 31, 59]], seed=3)
 
