@@ -11,7 +11,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import gpu as gpu_pkg
 from pallas_kernels.gpu import flash_attention as fa
+
+
+def interpreter_problem() -> str | None:
+    """None if the Mosaic GPU interpreter runs in this jax, else why not (a skip reason)."""
+    if (why := gpu_pkg.available()) is not None:
+        return why
+    try:
+        fa.interpret_params()
+    except Exception as err:  # noqa: BLE001 - a jax without the Mosaic GPU interpreter
+        return f"the Mosaic GPU interpreter (InterpretGPUParams) is unavailable: {type(err).__name__}: {err}"
+    return None
 
 
 # ----------------------------------------------------------------------------- predicates

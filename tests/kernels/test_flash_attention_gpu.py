@@ -22,17 +22,7 @@ from tests.kernels import gpu_cases as C
 pytestmark = pytest.mark.interpret
 
 
-def _interpreter_problem() -> str | None:
-    if (why := gpu_pkg.available()) is not None:
-        return why
-    try:
-        fa.interpret_params()
-    except Exception as err:  # noqa: BLE001 - a jax without the Mosaic GPU interpreter
-        return f"the Mosaic GPU interpreter (InterpretGPUParams) is unavailable: {type(err).__name__}: {err}"
-    return None
-
-
-_PROBLEM = _interpreter_problem()
+_PROBLEM = C.interpreter_problem()
 needs_interpreter = pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2.5e-2}  # max |err| / max(1, max |ref|)

@@ -13,47 +13,29 @@ Tolerances: ``seqmix.testing`` (fp32 / recurrent_bf16). Larger sweeps are ``slow
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import gpu as gpu_pkg
 from seqmix import ops
 from seqmix.testing import assert_close, assert_finite, tolerance_kind
+from tests.kernels.gpu_cases import fast_interpreter, interpreter_problem
 
 pytestmark = pytest.mark.interpret
 
 
-def _interpreter_problem() -> str | None:
-    if (why := gpu_pkg.available()) is not None:
-        return why
-    try:
-        from pallas_kernels.gpu import gated_linear as gl
-
-        gl.interpret_params()
-    except Exception as err:  # noqa: BLE001 - a jax without the Mosaic GPU interpreter
-        return f"the Mosaic GPU interpreter (InterpretGPUParams) is unavailable: {type(err).__name__}: {err}"
-    return None
-
-
-_PROBLEM = _interpreter_problem()
+_PROBLEM = interpreter_problem()
 if _PROBLEM is not None:
     pytest.skip(_PROBLEM, allow_module_level=True)
 
 from pallas_kernels.gpu import gated_linear as gl  # noqa: E402
 
-try:  # shared with the flash-attention tests: caches the interpreter's per-thread programs (3x faster)
-    from tests.kernels.gpu_cases import fast_interpreter as _fast_interpreter
-except ImportError:  # pragma: no cover
-    _fast_interpreter = contextlib.nullcontext
 
 
 @pytest.fixture(autouse=True)
 def _interpreter():
-    with _fast_interpreter(), jax.default_matmul_precision("highest"):
+    with fast_interpreter(), jax.default_matmul_precision("highest"):
         try:
             yield
         finally:
