@@ -1,6 +1,9 @@
-"""Mosaic GPU kernels (Hopper, sm_90a): room for the GPU backend (DESIGN.md §2, docs/GPU.md).
+"""Mosaic GPU kernels (Hopper, sm_90a) and the H100 target description for ahead-of-time compiles
+(DESIGN.md §2, docs/GPU.md): ``flash_attention`` (block-sparse flash attention, forward / dq / dkv),
+``gated_linear`` (the chunked gated-linear recurrence), ``delta_rule`` (the delta rule's state pass) and
+``aot`` (compiles for an H100 on a CPU host with ptxas).
 
-No kernel lives here yet. :func:`available` is the backend's availability check, as for TPU.
+:func:`available` is the backend's availability check, as for TPU.
 """
 
 

@@ -84,7 +84,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
 
 from pallas_kernels.gate_math import bounded_log_gate, segmented_reverse_cumsum
 
@@ -102,6 +101,9 @@ from pallas_kernels.gpu.flash_attention import (  # noqa: F401 - re-exported for
     plgpu,
     reset_interpreter,
 )
+from pallas_kernels.gpu.chunk_loop import matmul_sum as _matmul_sum
+from pallas_kernels.gpu.chunk_loop import run_chunks
+from pallas_kernels.gpu.chunk_loop import tile as _tile
 
 F32 = jnp.float32
 TOK_ROWS = 5
@@ -163,24 +165,6 @@ def _compiler_params(cfg: GLAGpuConfig):
     return None if cfg.interpret is not None else plgpu.CompilerParams(approx_math=cfg.approx_math)
 
 
-def _tile(lane: _Lane, ref):
-    """A 2-D SMEM tile as a WGMMA-layout register value (a plain load in the interpreter)."""
-    if lane.interpret:
-        return ref[...]
-    return load(ref, plgpu.Layout.WGMMA)
-
-
-def _matmul_sum(shape, *pairs):
-    """``Σ a @ b`` over ``(a_ref, b_ref)`` SMEM pairs in one fp32 WGMMA accumulator."""
-
-    def body(acc_ref):
-        for a_ref, b_ref in pairs:
-            plgpu.wgmma(acc_ref, a_ref, b_ref)
-        return acc_ref[...]
-
-    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
-
-
 def smem_bytes(tiles: GLATiles, dk: int, dv: int, dtype, gate: str = "scalar") -> dict[str, int]:
     """SMEM each kernel allocates (buffers only), to check against :data:`MAX_SMEM_BYTES`."""
     it = jnp.dtype(dtype).itemsize
@@ -235,16 +219,9 @@ def _fwd_call(cfg: GLAGpuConfig, q, k, v, tok, decay, h0, save_states: bool, anc
         q_s, kt_s, v_s, tok_s, a_s, s_s, p_s, vw_s, o_s, sf_s = rest[:10]
         anc_s = rest[10] if chan else None
         init_bar, bar = rest[-2:]
-        j, hi, bi = lax.axis_index("dv"), lax.axis_index("h"), lax.axis_index("b")
-        cols = pl.ds(pl.multiple_of(j * bdv, bdv), bdv)
 
-        plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi, :, cols], sf_s, init_bar)
-        plgpu.barrier_wait(init_bar)
-        s0 = _tile(lane, sf_s)
-
-        def step(n, s):
-            rows = pl.ds(pl.multiple_of(n * c, c), c)
-            plgpu.wait_smem_to_gmem(0)  # the previous chunk's stores out of o_s / s_s are done
+        def step(at, s):
+            n, rows, cols, bi, hi = at.n, at.rows, at.cols, at.b, at.h
             plgpu.copy_gmem_to_smem(q_ref.at[bi, hi, rows, :], q_s, bar)
             plgpu.copy_gmem_to_smem(kt_ref.at[bi, hi, :, rows], kt_s, bar)
             plgpu.copy_gmem_to_smem(v_ref.at[bi, hi, rows, cols], v_s, bar)
@@ -275,12 +252,8 @@ def _fwd_call(cfg: GLAGpuConfig, q, k, v, tok, decay, h0, save_states: bool, anc
                 upd = _bcast(lane.vec(anc_s.at[1], 1), (dk, bdv), 1) * upd
             return _bcast(a, (dk, bdv), 1) * s + upd
 
-        s = lax.fori_loop(0, n_chunks, step, s0)
-        plgpu.wait_smem_to_gmem(0)
-        sf_s[...] = s
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(sf_s, sf_ref.at[bi, hi, :, cols])
-        plgpu.wait_smem_to_gmem(0)
+        run_chunks(lane, step, first_ref=h0_ref, last_ref=sf_ref, carry_s=sf_s, bar=init_bar, n_chunks=n_chunks,
+                   chunk=c, block_dv=bdv)
 
     scratch = [
         _smem((c, dk), dt, mma=True),  # q
@@ -337,17 +310,9 @@ def _bwd_call(cfg: GLAGpuConfig, q, k, v, do, tok, decay, states, dsf, anc=None)
             dsf_s, (init_bar, bar) = dqk_s, rest
         else:
             dsf_s, init_bar, bar = rest
-        j, hi, bi = lax.axis_index("dv"), lax.axis_index("h"), lax.axis_index("b")
-        cols = pl.ds(pl.multiple_of(j * bdv, bdv), bdv)
 
-        plgpu.copy_gmem_to_smem(dsf_ref.at[bi, hi, :, cols], dsf_s, init_bar)
-        plgpu.barrier_wait(init_bar)
-        ds0 = _tile(lane, dsf_s)
-
-        def step(t, ds):
-            n = n_chunks - 1 - t
-            rows = pl.ds(pl.multiple_of(n * c, c), c)
-            plgpu.wait_smem_to_gmem(0)  # the previous chunk's stores are done
+        def step(at, ds):
+            n, rows, cols, j, bi, hi = at.n, at.rows, at.cols, at.j, at.b, at.h
             plgpu.copy_gmem_to_smem(qt_ref.at[bi, hi, :, rows], qt_s, bar)
             plgpu.copy_gmem_to_smem(k_ref.at[bi, hi, rows, :], k_s, bar)
             plgpu.copy_gmem_to_smem(kt_ref.at[bi, hi, :, rows], kt_s, bar)
@@ -402,12 +367,8 @@ def _bwd_call(cfg: GLAGpuConfig, q, k, v, do, tok, decay, states, dsf, anc=None)
             plgpu.copy_smem_to_gmem(dow_s, dv_ref.at[bi, hi, rows, cols])
             return ds_new
 
-        ds = lax.fori_loop(0, n_chunks, step, ds0)
-        plgpu.wait_smem_to_gmem(0)
-        dsf_s[...] = ds
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(dsf_s, dh0_ref.at[bi, hi, :, cols])
-        plgpu.wait_smem_to_gmem(0)
+        run_chunks(lane, step, first_ref=dsf_ref, last_ref=dh0_ref, carry_s=dsf_s, bar=init_bar,
+                   n_chunks=n_chunks, chunk=c, block_dv=bdv, reverse=True)
 
     scratch = [
         _smem((dk, c), dt, mma=True),  # qT

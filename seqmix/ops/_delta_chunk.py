@@ -332,6 +332,38 @@ def xla_impl(call):
     return call.finish(o, s)
 
 
+# ----------------------------------------------------------------------------- operands of a state-pass kernel
+
+
+class KernelOperands(NamedTuple):
+    """The state pass with every gate, β and segment factor folded in (``pallas_kernels.gpu.delta_rule``):
+    per chunk ``V_new = U − W S``, ``O = Qg S + P V_new``, ``S ← a ⊙_rows S + Kdᵀ V_new``. Kernel layout
+    ``[B, H, Tp, ·]`` fp32, ``Tp = N·C``."""
+
+    qg: Array  # [B, H, Tp, Dk] scale · Q ⊙ exp(G), zero after the chunk's first reset
+    p: Array  # [B, H, Tp, C] scale · (Q Kᵀ ⊙ Γ), chunk n's C×C block in rows n·C …
+    kd: Array  # [B, H, Tp, Dk] K ⊙ exp(G_C − G), zero before the chunk's last reset
+    u: Array  # [B, H, Tp, Dv] T (β ⊙ V)
+    w: Array  # [B, H, Tp, Dk] T (β ⊙ exp(G) ⊙ K)
+    a: Array  # [B, H, N, Dk] exp(G_C) per state row, 0 for a chunk with a reset
+
+
+def kernel_operands(q, k, v, beta, g=None, resets=None, *, scale: float, chunk: int) -> KernelOperands:
+    """The chunk-parallel part of the WY form for a state-pass kernel: the same :func:`_setup` as the
+    ``xla`` form (gates, ``A``, the triangular inverse as matmuls, ``U``, ``W``) at chunk ``chunk``, in
+    plain jnp and differentiated by JAX. API-layout inputs as :func:`chunk_delta`; T is zero padded to
+    a whole number of chunks (padding tokens have β = 0, g = 0 and leave the state unchanged)."""
+    beta, g, _, resets = _defaults(q, v, beta, g, None, resets)
+    t = q.shape[1]
+    n = -(-t // chunk)
+    z = _setup(chunk, n, k, v, g, beta, resets)
+    Q = _chunk(q, chunk, n) * scale
+    P = _mm("...id,...jd->...ij", Q, z.K) * z.gt.gam
+    flat = lambda x: x.reshape(x.shape[:2] + (-1,) + x.shape[4:])  # noqa: E731 - [B,H,N,C,·] -> [B,H,Tp,·]
+    a = jnp.broadcast_to(z.gt.gc[..., None], z.gt.gc.shape + (k.shape[-1],))
+    return KernelOperands(flat(Q * z.gt.eg[..., None]), flat(P), flat(z.Kd), flat(z.U), flat(z.W), a)
+
+
 # ----------------------------------------------------------------------------- sequence-parallel summary
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 
 from seqmix.ops import _delta_chunk, _op_docs, _recurrent, _registry
+from seqmix.ops.gpu import recurrent as gpu_recurrent
 from seqmix.ops.tpu import recurrent as tpu_recurrent
 from seqmix.ops._recurrent import RecurrentCall
 
@@ -81,7 +82,7 @@ gated_delta_rule = _registry.define_family(
     "gated_delta_rule", kind="recurrent", prepare=prepare_gated_delta_rule, doc=DOC,
     summary="Gated DeltaNet: S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ with α_t = exp(g_t).",
     reference=gated_delta_rule_reference, xla=gated_delta_rule_xla, describe=_delta_chunk.describe,
-    kernels=(tpu_recurrent.delta(),),
+    kernels=(tpu_recurrent.delta(), gpu_recurrent.delta()),
     args=(_recurrent.gate_arg("scalar"), _recurrent.beta_arg(BETA_RANGE)),
     state=_recurrent.state_spec, decode=gated_delta_rule_step, decode_doc="gated_delta_rule_step (recurrent state)",
     sequence_parallel=("lasp2", "lasp1"), sp_summary=_delta_chunk.summary,

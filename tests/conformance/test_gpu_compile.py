@@ -1,9 +1,10 @@
 """Ahead-of-time compiles for an NVIDIA H100 (evidence ``gpu:aot``), generated from the registry.
 
 For every implementation whose record names ``gpu:aot``: forward, and forward + backward
-(``value_and_grad`` of ``sum(o)`` over q, k, v), at production shapes in bf16 (:data:`CONFIGS`: attention
-``[2, 8192, H, 128]`` causal 16 heads, GQA 32:8, causal window 4096; neighborhood attention 2-D
-``[2, 64, 64, 8, 128]`` kernel 7), lowered and compiled inside one ``jax.jit`` for the H100 target
+(``value_and_grad`` of ``sum(o)`` over q, k, v, and a recurrent family's gates and β), at production shapes
+in bf16 (:data:`CONFIGS`: attention ``[2, 8192, H, 128]`` causal 16 heads, GQA 32:8, causal window 4096;
+neighborhood attention 2-D ``[2, 64, 64, 8, 128]`` kernel 7; the recurrent families ``[2, 8192, 16, 128]``
+with ``Dk = Dv = 128``, their gates and β from the family's input factory), lowered and compiled inside one ``jax.jit`` for the H100 target
 described in ``pallas_kernels/gpu/h100_target_config.txtpb`` (``pallas_kernels.gpu.aot``; ptxas compiles
 Mosaic GPU kernels, whose register / spill / shared-memory figures are checked). The named implementation
 must serve the call (it fails loudly otherwise) and the compiled program must call a GPU kernel or library.
@@ -50,6 +51,8 @@ CONFIGS = {
     "attention": {"causal": _mha(16, 16, M.Causal()), "gqa": _mha(32, 8, M.Causal()),
                   "window": _mha(16, 16, M.LocalWindow(4096))},
     "neighborhood_attention": {"2d_k7": Config((2, 64, 64, 8, 128), (2, 64, 64, 8, 128), {"kernel_size": 7})},
+    "delta_rule": {"d128": Config((2, 8192, 16, 128), (2, 8192, 16, 128), {})},
+    "gated_delta_rule": {"d128": Config((2, 8192, 16, 128), (2, 8192, 16, 128), {})},
 }
 # Known limits, each a strict xfail (a fix makes the case pass and the xfail fail, so it is removed):
 KNOWN = {
@@ -69,15 +72,31 @@ def _params():
     return out
 
 
-def _program(family, impl, cfg, mode):
-    op = _registry.get_family(family).op
+def program(family, impl, cfg: Config, mode):
+    """``(fn, argument shapes)``: the op (forward, or ``value_and_grad`` of ``sum(o)`` over every argument).
 
-    def forward(q, k, v):
-        return op(q, k, v, **cfg.options, impl=impl)
+    Attention-like families take ``q, k, v``; a recurrent family also its positional gates / β, shaped by
+    its input factory at 8 tokens and stretched to ``cfg.q_shape``'s length (a fixed per-head array such
+    as retention's decay stays a keyword)."""
+    fam = _registry.get_family(family)
+    args = [(cfg.q_shape, jnp.bfloat16), (cfg.kv_shape, jnp.bfloat16), (cfg.kv_shape, jnp.bfloat16)]
+    fixed = dict(cfg.options)
+    if fam.kind == "recurrent":
+        b, t, h, dk = cfg.q_shape
+        small = fam.make_inputs(fam, jax.random.PRNGKey(0), batch=b, seq=8, heads=h, dk=dk, dv=cfg.kv_shape[-1],
+                                dtype="bfloat16")
+        per_token = {x.name for x in fam.per_token}
+        stretch = lambda x: ((b, t) + x.shape[2:], x.dtype)  # noqa: E731
+        args += [stretch(x) if n in per_token else (x.shape, x.dtype) for n, x in zip(fam.positional, small.args[3:])]
+        fixed.update({n: x for n, x in small.arrays.items() if n != "initial_state"}, **small.options)
+
+    def forward(*xs):
+        return fam.op(*xs, **fixed, impl=impl)
 
     if mode == "fwd":
-        return forward
-    return jax.value_and_grad(lambda q, k, v: forward(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+        return forward, args
+    loss = lambda *xs: forward(*xs).astype(jnp.float32).sum()  # noqa: E731
+    return jax.value_and_grad(loss, argnums=tuple(range(len(args)))), args
 
 
 @pytest.mark.parametrize("cell, config, mode", _params())
@@ -87,9 +106,8 @@ def test_compiles_for_h100(cell, config, mode):
         pytest.skip(problem)
     family, impl, _ = cell
     assert config in CONFIGS.get(family, {}), f"{family}: no production-shape gpu:aot config (add one to CONFIGS)"
-    cfg = CONFIGS[family][config]
-    q, kv = (cfg.q_shape, jnp.bfloat16), (cfg.kv_shape, jnp.bfloat16)
-    report = aot.compile_for_h100(_program(family, impl, cfg, mode), [q, kv, kv])
+    fn, args = program(family, impl, CONFIGS[family][config], mode)
+    report = aot.compile_for_h100(fn, args)
     if not report.ok and any(s in report.error for s in _NO_CUDNN):
         pytest.skip(f"libcudnn is not loadable (jax checks its version while tracing): install the "
                     f"gpu-compile-cudnn extra ({report.error[:120]})")

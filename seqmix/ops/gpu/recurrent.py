@@ -1,4 +1,6 @@
-"""The gated-linear families on NVIDIA Hopper: lowers a :class:`RecurrentCall` to the Mosaic GPU kernel.
+"""The recurrent families on NVIDIA Hopper: lowers a :class:`RecurrentCall` to the Mosaic GPU kernels.
+
+Gated-linear families (:func:`gated_linear`):
 
 :mod:`pallas_kernels.gpu.gated_linear` runs the chunked recurrence with a scalar decay per head and token
 (``retention``, ``simple_gla``) or a per-channel one (``gla``: the anchored one-matmul form; a call
@@ -12,6 +14,13 @@ second ``wgmma`` where the XLA form keeps them fp32; splitting the state operand
 Tiles: ``H100_TILES`` compiled for a GPU, ``INTERPRET_TILES`` in the Mosaic GPU interpreter on CPU (how it
 is tested: evidence ``gpu:interpret``). The kernel compiles for an H100, but its backward spills registers
 (docs/gpu_compile_report.md), so ``gpu:aot`` is not claimed.
+
+(Gated) delta rule (:func:`delta`): the chunk-parallel WY part (gates, ``A``, the triangular inverse as
+matmuls, ``U``, ``W``, the intra-chunk scores) is ``seqmix.ops._delta_chunk.kernel_operands`` in plain jnp
+(batched XLA matmuls on the GPU, differentiated by JAX); the sequential state pass and its VJP are
+:mod:`pallas_kernels.gpu.delta_rule`. Its chunk is the kernel's (64 rows: the ``wgmma`` M), whatever
+``chunk_size`` the call names (the result does not depend on it). Both kernels compile for an H100
+without spills (docs/gpu_compile_report.md): evidence ``gpu:interpret`` and ``gpu:aot``.
 """
 
 from __future__ import annotations
@@ -19,8 +28,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels import _target
+from pallas_kernels.gpu import delta_rule as dr_kernel
 from pallas_kernels.gpu import gated_linear as gl_kernel
-from seqmix.ops import _registry
+from seqmix.ops import _delta_chunk, _registry
 from seqmix.ops._recurrent import RecurrentCall
 from seqmix.ops.block_meta import pad_to
 
@@ -87,3 +97,46 @@ def gated_linear() -> _registry.Implementation:
     """``pallas_gpu`` for a gated-linear family with no or scalar decay."""
     return _registry.Implementation("pallas_gpu", _run, rank=10, backend="mosaic_gpu", evidence=("gpu:interpret",),
                                     supports=_supports, describe=_describe, device_case=device_case)
+
+
+# ----------------------------------------------------------------------------- (gated) delta rule
+
+
+def _delta_config(call: RecurrentCall) -> dr_kernel.DeltaGpuConfig:
+    interpret = _target.gpu_interpret_params()
+    return dr_kernel.DeltaGpuConfig(
+        dtype=jnp.dtype(call.q.dtype).name, out_dtype="float32" if call.post is not None else None,
+        tiles=dr_kernel.H100_TILES if interpret is None else dr_kernel.INTERPRET_TILES, interpret=interpret)
+
+
+def _run_delta(call: RecurrentCall):
+    """Operands from the shared WY part, then the state-pass kernel on v (and the initial state)
+    zero-padded to whole ``block_dv`` columns; the padding is sliced off."""
+    cfg = _delta_config(call)
+    b, t, h, dk = call.q.shape
+    dv = call.v.shape[-1]
+    dvp = -(-dv // cfg.tiles.block_dv) * cfg.tiles.block_dv
+    ops = _delta_chunk.kernel_operands(call.q, call.k, pad_to(call.v, 3, dvp, 0), call.beta, call.g,
+                                       call.resets, scale=float(call.scale), chunk=cfg.tiles.chunk)
+    h0 = jnp.zeros((b, h, dk, dvp), jnp.float32)
+    if call.initial_state is not None:
+        h0 = pad_to(jnp.asarray(call.initial_state, jnp.float32), 3, dvp, 0)
+    o, final = dr_kernel.state_pass(cfg, *ops, h0)
+    o = jnp.moveaxis(o, 1, 2)[:, :t, :, :dv]
+    return call.finish(o, final[..., :dv])
+
+
+def _describe_delta(call: RecurrentCall) -> str:
+    cfg = _delta_config(call)
+    where = "compiled" if cfg.interpret is None else "Mosaic GPU interpreter"
+    return (f"WY operands in XLA (seqmix.ops._delta_chunk.kernel_operands), state pass "
+            f"pallas_kernels.gpu.delta_rule (seqmix_delta_fwd/bwd, {where}): chunk={cfg.tiles.chunk}, "
+            f"block_dv={cfg.tiles.block_dv}")
+
+
+def delta() -> _registry.Implementation:
+    """``pallas_gpu`` for a (gated) delta-rule family."""
+    return _registry.Implementation("pallas_gpu", _run_delta, rank=10, backend="mosaic_gpu",
+                                    evidence=("gpu:interpret", "gpu:aot"), supports=_supports,
+                                    describe=_describe_delta,
+                                    device_case=device_case)

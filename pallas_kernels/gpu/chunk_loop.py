@@ -1,0 +1,74 @@
+"""The sequential chunk loop of the recurrent Mosaic GPU kernels (``gated_linear``, ``delta_rule``).
+
+Each of their kernels runs on the grid ``(Dv / block_dv, H, B)`` (axis names ``dv``, ``h``, ``b``), one
+warpgroup per CTA, and carries an fp32 ``[Dk, block_dv]`` tile (a state or its cotangent) in registers
+through a ``fori_loop`` over the chunks: loaded from a ``[B, H, Dk, Dv]`` input, stored to a
+``[B, H, Dk, Dv]`` output at the end. :func:`run_chunks` is that loop; a kernel supplies the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.gpu.flash_attention import _Lane, load, plgpu
+
+
+class Chunk(NamedTuple):
+    """Where a step is: chunk ``n`` (token rows ``rows``), value columns ``cols`` (Dv tile ``j``), head
+    ``h``, batch row ``b``."""
+
+    n: Any
+    rows: Any
+    cols: Any
+    j: Any
+    h: Any
+    b: Any
+
+
+def tile(lane: _Lane, ref):
+    """A 2-D SMEM tile as a WGMMA-layout register value (a plain load in the interpreter)."""
+    if lane.interpret:
+        return ref[...]
+    return load(ref, plgpu.Layout.WGMMA)
+
+
+def matmul_sum(shape, *pairs):
+    """``Σ a @ b`` over ``(a_ref, b_ref)`` SMEM pairs in one fp32 WGMMA accumulator."""
+
+    def body(acc_ref):
+        for a_ref, b_ref in pairs:
+            plgpu.wgmma(acc_ref, a_ref, b_ref)
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def run_chunks(lane: _Lane, step: Callable, *, first_ref, last_ref, carry_s, bar, n_chunks: int, chunk: int,
+               block_dv: int, reverse: bool = False) -> None:
+    """Load this CTA's ``[Dk, block_dv]`` tile of ``first_ref`` (via the fp32 SMEM tile ``carry_s`` and the
+    barrier ``bar``), run ``carry = step(Chunk, carry)`` over the chunks (last to first if ``reverse``) and
+    store the final carry to ``last_ref``. Before each step the previous step's SMEM -> GMEM copies have
+    drained and its SMEM reads are fenced against new TMA writes, so a step may reuse every tile."""
+    j, hi, bi = lax.axis_index("dv"), lax.axis_index("h"), lax.axis_index("b")
+    cols = pl.ds(pl.multiple_of(j * block_dv, block_dv), block_dv)
+    plgpu.copy_gmem_to_smem(first_ref.at[bi, hi, :, cols], carry_s, bar)
+    plgpu.barrier_wait(bar)
+
+    def body(t, carry):
+        n = n_chunks - 1 - t if reverse else t
+        plgpu.wait_smem_to_gmem(0)
+        # Order the previous step's generic-proxy reads of the SMEM tiles before this step's TMA writes
+        # into them (an async-proxy fence; jax 0.12's interpreter reports the write-after-read race without it).
+        plgpu.commit_smem()
+        return step(Chunk(n, pl.ds(pl.multiple_of(n * chunk, chunk), chunk), cols, j, hi, bi), carry)
+
+    carry = lax.fori_loop(0, n_chunks, body, tile(lane, carry_s))
+    plgpu.wait_smem_to_gmem(0)
+    carry_s[...] = carry
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(carry_s, last_ref.at[bi, hi, :, cols])
+    plgpu.wait_smem_to_gmem(0)
