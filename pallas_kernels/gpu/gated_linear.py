@@ -33,14 +33,19 @@ carries the fp32 state tile ``S [Dk, block_dv]`` in registers. Per chunk (``Γ_i
 
 (the row factors commute out of the matmuls, so only ``P`` and ``wk ⊙ V`` are staged through SMEM).
 
-Backward: a reverse-chunk kernel on the same grid carries ``dS [Dk, block_dv]`` fp32 in registers
-(initialized from the final-state cotangent, written out as ``d initial_state``). With ``dO`` already
-scaled by ``scale`` (plain jnp), per chunk:
+Backward, in two kernels. The reverse state pass (``seqmix_gla_bwd_state``, same grid, chunks last to
+first) carries ``dS [Dk, block_dv]`` fp32 in registers (initialized from the final-state cotangent,
+written out as ``d initial_state``), ``dS ← a ⊙_rows dS + Qᵀ (wq ⊙_rows dO)``, and saves each chunk's
+end-state cotangent ``[B, H, N, Dk, Dv]`` in the operand dtype. The chunk-parallel kernel
+(``seqmix_gla_bwd``, grid ``(Dv / block_dv, H, B·N)``, one CTA per chunk) then forms, with ``dO`` already
+scaled by ``scale`` (plain jnp), from the chunk's start state S and end cotangent dS:
 
     dA  = (dO Vᵀ) ⊙ Γ without the diagonal,   dpd_i = dO_i · V_i   (the diagonal of dO Vᵀ)
     dQᵀ = S (wq ⊙_rows dO)ᵀ + Kᵀ dAᵀ,        dKᵀ = dS (wk ⊙_rows V)ᵀ + Qᵀ dA     (one accumulator each)
-    dV  = wk ⊙_rows (K dS) + ((K Qᵀ) ⊙ Γᵀ) dO,  dS ← a ⊙_rows dS + Qᵀ (wq ⊙_rows dO)
+    dV  = wk ⊙_rows (K dS) + ((K Qᵀ) ⊙ Γᵀ) dO
 
+(One kernel doing both spilled ~612 B at 255 registers for Dk = 128; split, they use 128 and ~160
+registers without spills, and the chunk-parallel half runs B·H·N CTAs instead of B·H.)
 (``dA``, ``dAᵀ``, ``Pᵀ`` and the scaled ``dO``, ``dOᵀ``, ``Vᵀ`` are staged through SMEM; ``Γᵀ`` is
 recomputed from the token rows rather than transposed.)
 
@@ -84,6 +89,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 from pallas_kernels.gate_math import bounded_log_gate, segmented_reverse_cumsum
 
@@ -171,11 +177,11 @@ def smem_bytes(tiles: GLATiles, dk: int, dv: int, dtype, gate: str = "scalar") -
     c, bdv = tiles.chunk, tiles.block_dv
     tok = TOK_ROWS * c * 4
     fwd = (c * dk + dk * c + 2 * c * bdv + dk * bdv + c * c + c * bdv) * it + dk * bdv * 4 + tok + dk * 4
-    bwd = ((3 * c * dk + 7 * c * bdv + 2 * dk * bdv + 3 * c * c) * it + dk * c * 4 + tok + dk * 4 + c * 4
-           + (0 if c == bdv else dk * bdv * 4))
+    bwd_state = (dk * c + 2 * c * bdv + dk * bdv) * it + tok + dk * 4 + dk * bdv * 4
+    bwd = (3 * c * dk + 7 * c * bdv + 2 * dk * bdv + 3 * c * c) * it + dk * c * 4 + tok + c * 4
     if gate == "channel":  # the (exp(m), exp(G_C − m)) rows of a chunk
-        fwd, bwd = fwd + ANC_ROWS * dk * 4, bwd + ANC_ROWS * dk * 4
-    return {"fwd": fwd, "bwd": bwd}
+        fwd, bwd_state = fwd + ANC_ROWS * dk * 4, bwd_state + ANC_ROWS * dk * 4
+    return {"fwd": fwd, "bwd_state": bwd_state, "bwd": bwd}
 
 
 def _gamma(lane: _Lane, tok_s, shape, transposed: bool):
@@ -284,45 +290,33 @@ def _fwd_call(cfg: GLAGpuConfig, q, k, v, tok, decay, h0, save_states: bool, anc
 # ----------------------------------------------------------------------------- backward kernel
 
 
-def _bwd_call(cfg: GLAGpuConfig, q, k, v, do, tok, decay, states, dsf, anc=None):
+def _bwd_state_call(cfg: GLAGpuConfig, q, do, tok, decay, dsf, anc=None):
+    """The reverse state pass: ``dS ← a ⊙_rows dS + Qᵀ (wq ⊙_rows dO)`` over the chunks, last to first.
+
+    Returns each chunk's end-state cotangent ``[B, H, N, Dk, Dv]`` in the operand dtype (per-channel gates:
+    already ``exp(G_C − m) ⊙_rows dS``, the form both its uses take) and ``d h0`` fp32."""
     b, h, tp, dk = q.shape
-    dv = v.shape[-1]
+    dv = do.shape[-1]
     c, bdv = cfg.tiles.chunk, cfg.tiles.block_dv
     n_chunks, ndv = tp // c, dv // bdv
     dt = q.dtype
     lane = _Lane(cfg.interpret is not None)
-    qt, kt, vt, dot = (jnp.swapaxes(x, 2, 3) for x in (q, k, v, do))
-    share = c == bdv  # the fp32 dQᵀ/dKᵀ staging tile doubles as the dS_T / dS_0 tile
-    chan = anc is not None  # per-channel gates: q, k anchored; states saved as exp(m) ⊙_rows S
+    qt = jnp.swapaxes(q, 2, 3)
+    chan = anc is not None
 
-    def body(qt_ref, k_ref, kt_ref, v_ref, vt_ref, do_ref, dot_ref, tok_ref, a_ref, st_ref, dsf_ref, *rest):
+    def body(qt_ref, do_ref, tok_ref, a_ref, dsf_ref, *rest):
         anc_ref = None
         if chan:
             anc_ref, rest = rest[0], rest[1:]
-        dqt_ref, dkt_ref, dv_ref, dpd_ref, dh0_ref = rest[:5]
-        (qt_s, k_s, kt_s, v_s, vt_s, do_s, dot_s, tok_s, a_s, st_s, ds_s, da_s, dat_s, pt_s, dow_s,
-         dowt_s, vwt_s, dqk_s, dpd_s) = rest[5:24]
-        rest = rest[24:]
-        anc_s = None
-        if chan:
-            anc_s, rest = rest[0], rest[1:]
-        if share:
-            dsf_s, (init_bar, bar) = dqk_s, rest
-        else:
-            dsf_s, init_bar, bar = rest
+        dse_ref, dh0_ref, qt_s, do_s, tok_s, a_s, ds_s, dow_s, dsf_s = rest[:9]
+        anc_s, (init_bar, bar) = (rest[9], rest[10:]) if chan else (None, rest[9:])
 
         def step(at, ds):
-            n, rows, cols, j, bi, hi = at.n, at.rows, at.cols, at.j, at.b, at.h
+            n, rows, cols, bi, hi = at.n, at.rows, at.cols, at.b, at.h
             plgpu.copy_gmem_to_smem(qt_ref.at[bi, hi, :, rows], qt_s, bar)
-            plgpu.copy_gmem_to_smem(k_ref.at[bi, hi, rows, :], k_s, bar)
-            plgpu.copy_gmem_to_smem(kt_ref.at[bi, hi, :, rows], kt_s, bar)
-            plgpu.copy_gmem_to_smem(v_ref.at[bi, hi, rows, cols], v_s, bar)
-            plgpu.copy_gmem_to_smem(vt_ref.at[bi, hi, cols, rows], vt_s, bar)
             plgpu.copy_gmem_to_smem(do_ref.at[bi, hi, rows, cols], do_s, bar)
-            plgpu.copy_gmem_to_smem(dot_ref.at[bi, hi, cols, rows], dot_s, bar)
             plgpu.copy_gmem_to_smem(tok_ref.at[bi, hi, :, rows], tok_s, bar)
             plgpu.copy_gmem_to_smem(a_ref.at[bi, hi, n, :], a_s, bar)
-            plgpu.copy_gmem_to_smem(st_ref.at[bi, hi, n, :, cols], st_s, bar)
             if chan:
                 plgpu.copy_gmem_to_smem(anc_ref.at[bi, hi, n], anc_s, bar)
             plgpu.barrier_wait(bar)
@@ -330,45 +324,94 @@ def _bwd_call(cfg: GLAGpuConfig, q, k, v, do, tok, decay, states, dsf, anc=None)
                 ds_s[...] = (_bcast(lane.vec(anc_s.at[1], 1), (dk, bdv), 1) * ds).astype(dt)
             else:
                 ds_s[...] = ds.astype(dt)
-            gamma, eye = _gamma(lane, tok_s, (c, c), False)
-            dp = _matmul((c, c), do_s, vt_s)  # dO Vᵀ (rows i, cols j)
-            dpd_s[...] = jnp.sum(jnp.where(eye, dp, 0.0), axis=1)
-            da_s[...] = jnp.where(eye, 0.0, dp * gamma).astype(dt)
-            gamma_t, _ = _gamma(lane, tok_s, (c, c), True)
-            dpt = _matmul((c, c), v_s, dot_s)  # V dOᵀ (rows j, cols i)
-            dat_s[...] = jnp.where(eye, 0.0, dpt * gamma_t).astype(dt)
-            pt_s[...] = (_matmul((c, c), k_s, qt_s) * gamma_t).astype(dt)
-            # Row / column factors staged into the operands, so each output is one accumulator.
-            wq_r, wq_c = lane.vec(tok_s.at[ROW_WQ], 1), lane.vec(tok_s.at[ROW_WQ], 0)
-            wk_c = lane.vec(tok_s.at[ROW_WK], 0)
-            dow_s[...] = (_tile(lane, do_s).astype(F32) * _bcast(wq_r, (c, bdv), 1)).astype(dt)
-            dowt_s[...] = (_tile(lane, dot_s).astype(F32) * _bcast(wq_c, (bdv, c), 0)).astype(dt)
-            vwt_s[...] = (_tile(lane, vt_s).astype(F32) * _bcast(wk_c, (bdv, c), 0)).astype(dt)
+            wq = lane.vec(tok_s.at[ROW_WQ], 1)
+            dow_s[...] = (_tile(lane, do_s).astype(F32) * _bcast(wq, (c, bdv), 1)).astype(dt)
             plgpu.commit_smem()
-            dqk_s[...] = _matmul_sum((dk, c), (st_s, dowt_s), (kt_s, dat_s))  # dQᵀ
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(dqk_s, dqt_ref.at[j, bi, hi, :, rows])
-            plgpu.copy_smem_to_gmem(dpd_s, dpd_ref.at[j, bi, hi, rows])
-            dkt = _matmul_sum((dk, c), (ds_s, vwt_s), (qt_s, da_s))
-            plgpu.wait_smem_to_gmem(0)  # dQᵀ is out of the staging tile
-            dqk_s[...] = dkt
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(dqk_s, dkt_ref.at[j, bi, hi, :, rows])
-            # ds_new last: computing it first (so the old dS dies early) spilled more in ptxas (832 vs 604 B).
+            plgpu.copy_smem_to_gmem(ds_s, dse_ref.at[bi, hi, n, :, cols])
             upd = _matmul((dk, bdv), qt_s, dow_s)
             if chan:  # (Q ⊙ exp(G))ᵀ (wq ⊙ dO) = exp(m) ⊙_rows (Q ⊙ exp(G − m))ᵀ (wq ⊙ dO)
                 upd = _bcast(lane.vec(anc_s.at[0], 1), (dk, bdv), 1) * upd
-            ds_new = _bcast(lane.vec(a_s, 1), (dk, bdv), 1) * ds + upd
-            wk_r = lane.vec(tok_s.at[ROW_WK], 1)
-            dv_ = (_bcast(wk_r, (c, bdv), 1) * _matmul((c, bdv), k_s, ds_s)
-                   + _matmul((c, bdv), pt_s, do_s))
-            dow_s[...] = dv_.astype(dt)  # wq ⊙ dO was consumed by the dS matmul above
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(dow_s, dv_ref.at[bi, hi, rows, cols])
-            return ds_new
+            return _bcast(lane.vec(a_s, 1), (dk, bdv), 1) * ds + upd
 
         run_chunks(lane, step, first_ref=dsf_ref, last_ref=dh0_ref, carry_s=dsf_s, bar=init_bar,
                    n_chunks=n_chunks, chunk=c, block_dv=bdv, reverse=True)
+
+    scratch = [
+        _smem((dk, c), dt, mma=True),  # qT
+        _smem((c, bdv), dt, mma=True),  # dO (scaled)
+        _smem((TOK_ROWS, c), F32),  # token rows
+        _smem((dk,), F32),  # chunk decay a
+        _smem((dk, bdv), dt, mma=True),  # dS in the operand dtype (saved)
+        _smem((c, bdv), dt, mma=True),  # wq ⊙ dO
+        _smem((dk, bdv), F32, mma=True),  # dS_T, then d h0
+    ]
+    if chan:
+        scratch.append(_smem((ANC_ROWS, dk), F32))  # exp(m), exp(G_C − m)
+    scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=1), plgpu.Barrier(num_arrivals=4 + chan, num_barriers=1)]
+    out = [jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), dt), jax.ShapeDtypeStruct((b, h, dk, dv), F32)]
+    return _kernel(body, out, scratch, name="seqmix_gla_bwd_state", grid=(ndv, h, b), grid_names=("dv", "h", "b"),
+                   compiler_params=_compiler_params(cfg), interpret=cfg.interpret)(
+        qt, do, tok, decay, dsf, *([anc] if chan else []))
+
+
+def _bwd_call(cfg: GLAGpuConfig, q, k, v, do, tok, states, dends):
+    """The chunk-parallel backward: one CTA per (Dv tile, head, batch row · chunk), from the chunk's start
+    state and end-state cotangent (:func:`_bwd_state_call`). Returns dQᵀ, dKᵀ partials per Dv tile, dV and
+    the diagonal of dO Vᵀ (module docstring)."""
+    b, h, tp, dk = q.shape
+    dv = v.shape[-1]
+    c, bdv = cfg.tiles.chunk, cfg.tiles.block_dv
+    n_chunks, ndv = tp // c, dv // bdv
+    dt = q.dtype
+    lane = _Lane(cfg.interpret is not None)
+    qt, kt, vt, dot = (jnp.swapaxes(x, 2, 3) for x in (q, k, v, do))
+
+    def body(qt_ref, k_ref, kt_ref, v_ref, vt_ref, do_ref, dot_ref, tok_ref, st_ref, dse_ref,
+             dqt_ref, dkt_ref, dv_ref, dpd_ref,
+             qt_s, k_s, kt_s, v_s, vt_s, do_s, dot_s, tok_s, st_s, ds_s, da_s, dat_s, pt_s, dow_s,
+             dowt_s, vwt_s, dqk_s, dpd_s, bar):
+        j, hi, bn = lax.axis_index("dv"), lax.axis_index("h"), lax.axis_index("bn")
+        bi, n = bn // n_chunks, bn % n_chunks
+        cols = pl.ds(pl.multiple_of(j * bdv, bdv), bdv)
+        rows = pl.ds(pl.multiple_of(n * c, c), c)
+        plgpu.copy_gmem_to_smem(qt_ref.at[bi, hi, :, rows], qt_s, bar)
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, hi, rows, :], k_s, bar)
+        plgpu.copy_gmem_to_smem(kt_ref.at[bi, hi, :, rows], kt_s, bar)
+        plgpu.copy_gmem_to_smem(v_ref.at[bi, hi, rows, cols], v_s, bar)
+        plgpu.copy_gmem_to_smem(vt_ref.at[bi, hi, cols, rows], vt_s, bar)
+        plgpu.copy_gmem_to_smem(do_ref.at[bi, hi, rows, cols], do_s, bar)
+        plgpu.copy_gmem_to_smem(dot_ref.at[bi, hi, cols, rows], dot_s, bar)
+        plgpu.copy_gmem_to_smem(tok_ref.at[bi, hi, :, rows], tok_s, bar)
+        plgpu.copy_gmem_to_smem(st_ref.at[bi, hi, n, :, cols], st_s, bar)
+        plgpu.copy_gmem_to_smem(dse_ref.at[bi, hi, n, :, cols], ds_s, bar)
+        plgpu.barrier_wait(bar)
+        gamma, eye = _gamma(lane, tok_s, (c, c), False)
+        dp = _matmul((c, c), do_s, vt_s)  # dO Vᵀ (rows i, cols j)
+        dpd_s[...] = jnp.sum(jnp.where(eye, dp, 0.0), axis=1)
+        da_s[...] = jnp.where(eye, 0.0, dp * gamma).astype(dt)
+        gamma_t, _ = _gamma(lane, tok_s, (c, c), True)
+        dpt = _matmul((c, c), v_s, dot_s)  # V dOᵀ (rows j, cols i)
+        dat_s[...] = jnp.where(eye, 0.0, dpt * gamma_t).astype(dt)
+        pt_s[...] = (_matmul((c, c), k_s, qt_s) * gamma_t).astype(dt)
+        # Row / column factors staged into the operands, so each output is one accumulator.
+        wq_c, wk_c = lane.vec(tok_s.at[ROW_WQ], 0), lane.vec(tok_s.at[ROW_WK], 0)
+        dowt_s[...] = (_tile(lane, dot_s).astype(F32) * _bcast(wq_c, (bdv, c), 0)).astype(dt)
+        vwt_s[...] = (_tile(lane, vt_s).astype(F32) * _bcast(wk_c, (bdv, c), 0)).astype(dt)
+        plgpu.commit_smem()
+        dqk_s[...] = _matmul_sum((dk, c), (st_s, dowt_s), (kt_s, dat_s))  # dQᵀ
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dqk_s, dqt_ref.at[j, bi, hi, :, rows])
+        plgpu.copy_smem_to_gmem(dpd_s, dpd_ref.at[j, bi, hi, rows])
+        dkt = _matmul_sum((dk, c), (ds_s, vwt_s), (qt_s, da_s))
+        plgpu.wait_smem_to_gmem(0)  # dQᵀ is out of the staging tile
+        dqk_s[...] = dkt
+        wk_r = lane.vec(tok_s.at[ROW_WK], 1)
+        dow_s[...] = (_bcast(wk_r, (c, bdv), 1) * _matmul((c, bdv), k_s, ds_s)
+                      + _matmul((c, bdv), pt_s, do_s)).astype(dt)  # dV
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dqk_s, dkt_ref.at[j, bi, hi, :, rows])
+        plgpu.copy_smem_to_gmem(dow_s, dv_ref.at[bi, hi, rows, cols])
+        plgpu.wait_smem_to_gmem(0)
 
     scratch = [
         _smem((dk, c), dt, mma=True),  # qT
@@ -379,29 +422,23 @@ def _bwd_call(cfg: GLAGpuConfig, q, k, v, do, tok, decay, states, dsf, anc=None)
         _smem((c, bdv), dt, mma=True),  # dO (scaled)
         _smem((bdv, c), dt, mma=True),  # dOᵀ
         _smem((TOK_ROWS, c), F32),  # token rows
-        _smem((dk,), F32),  # chunk decay a
         _smem((dk, bdv), dt, mma=True),  # chunk-start state S
-        _smem((dk, bdv), dt, mma=True),  # dS (chunk-end state cotangent) in the operand dtype
+        _smem((dk, bdv), dt, mma=True),  # dS (chunk-end state cotangent, as the state pass saved it)
         _smem((c, c), dt, mma=True),  # dA
         _smem((c, c), dt, mma=True),  # dAᵀ
         _smem((c, c), dt, mma=True),  # Pᵀ
-        _smem((c, bdv), dt, mma=True),  # wq ⊙ dO, then dV
+        _smem((c, bdv), dt, mma=True),  # dV
         _smem((bdv, c), dt, mma=True),  # (wq ⊙ dO)ᵀ
         _smem((bdv, c), dt, mma=True),  # (wk ⊙ V)ᵀ
-        _smem((dk, c), F32, mma=True),  # dQᵀ / dKᵀ staging (and dS_T / dS_0 when chunk == block_dv)
+        _smem((dk, c), F32, mma=True),  # dQᵀ / dKᵀ staging
         _smem((c,), F32),  # diagonal of dO Vᵀ
+        plgpu.Barrier(num_arrivals=10, num_barriers=1),
     ]
-    if chan:
-        scratch.append(_smem((ANC_ROWS, dk), F32))  # exp(m), exp(G_C − m)
-    if not share:
-        scratch.append(_smem((dk, bdv), F32, mma=True))
-    scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=1), plgpu.Barrier(num_arrivals=10 + chan, num_barriers=1)]
     out = [jax.ShapeDtypeStruct((ndv, b, h, dk, tp), F32), jax.ShapeDtypeStruct((ndv, b, h, dk, tp), F32),
-           jax.ShapeDtypeStruct((b, h, tp, dv), dt), jax.ShapeDtypeStruct((ndv, b, h, tp), F32),
-           jax.ShapeDtypeStruct((b, h, dk, dv), F32)]
-    return _kernel(body, out, scratch, name="seqmix_gla_bwd", grid=(ndv, h, b), grid_names=("dv", "h", "b"),
-                   compiler_params=_compiler_params(cfg), interpret=cfg.interpret)(
-        qt, k, kt, v, vt, do, dot, tok, decay, states, dsf, *([anc] if chan else []))
+           jax.ShapeDtypeStruct((b, h, tp, dv), dt), jax.ShapeDtypeStruct((ndv, b, h, tp), F32)]
+    return _kernel(body, out, scratch, name="seqmix_gla_bwd", grid=(ndv, h, b * n_chunks),
+                   grid_names=("dv", "h", "bn"), compiler_params=_compiler_params(cfg), interpret=cfg.interpret)(
+        qt, k, kt, v, vt, do, dot, tok, states, dends)
 
 
 # ----------------------------------------------------------------------------- layout and custom_vjp
@@ -560,10 +597,12 @@ def _core_bwd(cfg, res, cts):
     if chan:
         lanes = channel_lanes(g, resets, b, h, tp, dk, cfg.tiles.chunk)
         qa, ka = _anchored(q, k, lanes)
-        dqt, dkt, dv, dpd, dh0 = _bwd_call(cfg, qa, ka, v, do, lanes.tok, lanes.decay, states, dsf, lanes.anc)
+        dends, dh0 = _bwd_state_call(cfg, qa, do, lanes.tok, lanes.decay, dsf, lanes.anc)
+        dqt, dkt, dv, dpd = _bwd_call(cfg, qa, ka, v, do, lanes.tok, states, dends)
     else:
         tok, decay = chunk_lanes(g, resets, b, h, tp, dk, cfg.tiles.chunk)
-        dqt, dkt, dv, dpd, dh0 = _bwd_call(cfg, q, k, v, do, tok, decay, states, dsf)
+        dends, dh0 = _bwd_state_call(cfg, q, do, tok, decay, dsf)
+        dqt, dkt, dv, dpd = _bwd_call(cfg, q, k, v, do, tok, states, dends)
     dq_nd = jnp.swapaxes(jnp.sum(dqt, axis=0), 2, 3)  # without the i = j term
     dk_nd = jnp.swapaxes(jnp.sum(dkt, axis=0), 2, 3)
     if chan:  # gradients of the anchored operands -> of q, k

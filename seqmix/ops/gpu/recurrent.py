@@ -11,9 +11,9 @@ initial / final state, segment resets and its own ``custom_vjp``; each family's 
 second ``wgmma`` where the XLA form keeps them fp32; splitting the state operand into bf16 hi + lo
 (tried) did not move it, so the rounding of dA / dO is the lead.
 
-Tiles: ``H100_TILES`` compiled for a GPU, ``INTERPRET_TILES`` in the Mosaic GPU interpreter on CPU (how it
-is tested: evidence ``gpu:interpret``). The kernel compiles for an H100, but its backward spills registers
-(docs/gpu_compile_report.md), so ``gpu:aot`` is not claimed.
+Tiles: ``H100_TILES`` compiled for a GPU, ``INTERPRET_TILES`` in the Mosaic GPU interpreter on CPU.
+Evidence ``gpu:interpret`` (numerics) and ``gpu:aot``: forward, reverse state pass and chunk-parallel
+backward compile for an H100 without register spills (docs/gpu_compile_report.md).
 
 (Gated) delta rule (:func:`delta`): the chunk-parallel WY part (gates, ``A``, the triangular inverse as
 matmuls, ``U``, ``W``, the intra-chunk scores) is ``seqmix.ops._delta_chunk.kernel_operands`` in plain jnp
@@ -94,9 +94,10 @@ def device_case(call: RecurrentCall) -> str:
 
 
 def gated_linear() -> _registry.Implementation:
-    """``pallas_gpu`` for a gated-linear family with no or scalar decay."""
-    return _registry.Implementation("pallas_gpu", _run, rank=10, backend="mosaic_gpu", evidence=("gpu:interpret",),
-                                    supports=_supports, describe=_describe, device_case=device_case)
+    """``pallas_gpu`` for a gated-linear family (scalar or per-channel decay)."""
+    return _registry.Implementation("pallas_gpu", _run, rank=10, backend="mosaic_gpu",
+                                    evidence=("gpu:interpret", "gpu:aot"), supports=_supports, describe=_describe,
+                                    device_case=device_case)
 
 
 # ----------------------------------------------------------------------------- (gated) delta rule
