@@ -166,7 +166,11 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> Setup:
                  sequence_parallel=sp)
 
 
-_SOFTMAX_MIXERS = ("attn", "swa", "chunk", "stream", "based")
+def _ulysses_mixers() -> set[str]:
+    """Mixers of the families that run under Ulysses (their records list "ulysses"): they split heads."""
+    from seqmix.ops._registry import FAMILIES
+
+    return {m for fam in FAMILIES.values() if "ulysses" in fam.sequence_parallel for m in fam.mixers}
 
 
 def sequence_parallel_for(cfg: TrainConfig, mesh: Mesh, lm_config):
@@ -188,7 +192,7 @@ def sequence_parallel_for(cfg: TrainConfig, mesh: Mesh, lm_config):
         raise ValueError(f"--mesh {cfg.mesh!r} splits the sequence over seq={p} devices: seq_len={cfg.seq_len} "
                          f"does not fit ({err})") from None
     names = [name for name, _ in lm_config.mixer_specs]
-    if cfg.sp_strategy == "ulysses" and any(n in _SOFTMAX_MIXERS for n in names):
+    if cfg.sp_strategy == "ulysses" and set(names) & _ulysses_mixers():
         kv = lm_config.num_kv_heads or lm_config.num_heads
         if lm_config.num_heads % p or kv % p:
             raise ValueError(f"--sp-strategy ulysses over seq={p} devices needs num_heads ({lm_config.num_heads}) "
