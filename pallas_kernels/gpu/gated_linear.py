@@ -151,7 +151,11 @@ class GLAGpuConfig:
 
     gate: "none" | "scalar" | "channel"; gate_grad: whether g receives a gradient (False: retention's constant decay).
     out_dtype: dtype name of ``o`` (None: the input dtype). interpret: None compiles with Mosaic GPU, else an
-    ``InterpretGPUParams`` (:func:`interpret_params`).
+    ``InterpretGPUParams`` (:func:`interpret_params`). split_cotangent: run the backward kernels on the
+    operand-dtype high part of ``dO`` and again on its low part (``dO − hi``) and add the results (the
+    backward is linear in ``dO``): twice the backward work for a ``dO`` carried to ~16 bits instead of 8,
+    for callers whose gradients cancel (linear attention's normalizer: its bf16 dq misses the tolerance
+    without it).
     """
 
     scale: float
@@ -161,6 +165,7 @@ class GLAGpuConfig:
     out_dtype: str | None = None
     interpret: Any = None
     approx_math: bool = False
+    split_cotangent: bool = False
 
     def __post_init__(self):
         if self.gate not in GATES:
@@ -593,16 +598,27 @@ def _core_bwd(cfg, res, cts):
     b, h, tp, dk = q.shape
     chan = cfg.gate == "channel"
     dsf = jnp.zeros_like(sf) if dsf is None else dsf.astype(F32)
-    do = (do.astype(F32) * cfg.scale).astype(q.dtype)  # o = scale · (...): fold the scale into dO
+    do = do.astype(F32) * cfg.scale  # o = scale · (...): fold the scale into dO
     if chan:
         lanes = channel_lanes(g, resets, b, h, tp, dk, cfg.tiles.chunk)
         qa, ka = _anchored(q, k, lanes)
-        dends, dh0 = _bwd_state_call(cfg, qa, do, lanes.tok, lanes.decay, dsf, lanes.anc)
-        dqt, dkt, dv, dpd = _bwd_call(cfg, qa, ka, v, do, lanes.tok, states, dends)
+
+        def kernels(do_part, dsf_part):
+            dends, dh0 = _bwd_state_call(cfg, qa, do_part, lanes.tok, lanes.decay, dsf_part, lanes.anc)
+            return (*_bwd_call(cfg, qa, ka, v, do_part, lanes.tok, states, dends), dh0)
     else:
         tok, decay = chunk_lanes(g, resets, b, h, tp, dk, cfg.tiles.chunk)
-        dends, dh0 = _bwd_state_call(cfg, q, do, tok, decay, dsf)
-        dqt, dkt, dv, dpd = _bwd_call(cfg, q, k, v, do, tok, states, dends)
+
+        def kernels(do_part, dsf_part):
+            dends, dh0 = _bwd_state_call(cfg, q, do_part, tok, decay, dsf_part)
+            return (*_bwd_call(cfg, q, k, v, do_part, tok, states, dends), dh0)
+
+    do_hi = do.astype(q.dtype)
+    dqt, dkt, dv, dpd, dh0 = kernels(do_hi, dsf)
+    dv = dv.astype(F32)
+    if cfg.split_cotangent:
+        lo = kernels((do - do_hi.astype(F32)).astype(q.dtype), jnp.zeros_like(dsf))
+        dqt, dkt, dv, dpd, dh0 = (x + y.astype(F32) for x, y in zip((dqt, dkt, dv, dpd, dh0), lo))
     dq_nd = jnp.swapaxes(jnp.sum(dqt, axis=0), 2, 3)  # without the i = j term
     dk_nd = jnp.swapaxes(jnp.sum(dkt, axis=0), 2, 3)
     if chan:  # gradients of the anchored operands -> of q, k

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from seqmix.ops import _checks, _gated_chunk, _op_docs, _recurrent, _registry
 from seqmix.ops._recurrent import RecurrentCall, prepare_recurrent, scan_reference
+from seqmix.ops.gpu import recurrent as gpu_recurrent
 from seqmix.ops.tpu import recurrent as tpu_recurrent
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -207,7 +208,7 @@ linear_attention = _registry.define_family(
     summary="Linear attention S_t = S_{t-1} + φ(k_t)v_tᵀ with feature maps (identity, elu+1, relu, Based "
             "Taylor, callable) and an optional normalizer.",
     reference=linear_attention_reference, xla=linear_attention_xla, describe=_gated_chunk.describe,
-    kernels=(tpu_recurrent.gated_linear(),),
+    kernels=(tpu_recurrent.gated_linear(), gpu_recurrent.gated_linear()),
     args=(_registry.ArgSpec("feature_map", "option", example="elu"),
           _registry.ArgSpec("normalize", "option", example=True),
           _registry.ArgSpec("eps", "option", example=1e-6)),

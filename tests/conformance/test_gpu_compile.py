@@ -52,7 +52,7 @@ CONFIGS = {
                   "window": _mha(16, 16, M.LocalWindow(4096))},
     "neighborhood_attention": {"2d_k7": Config((2, 64, 64, 8, 128), (2, 64, 64, 8, 128), {"kernel_size": 7})},
     **{family: {"d128": Config((2, 8192, 16, 128), (2, 8192, 16, 128), {})}
-       for family in ("delta_rule", "gated_delta_rule", "gla", "retention", "simple_gla")},
+       for family in ("delta_rule", "gated_delta_rule", "gla", "linear_attention", "retention", "simple_gla")},
 }
 # Known limits, each a strict xfail (a fix makes the case pass and the xfail fail, so it is removed):
 KNOWN = {

@@ -6,10 +6,10 @@ Gated-linear families (:func:`gated_linear`):
 (``retention``, ``simple_gla``) or a per-channel one (``gla``: the anchored one-matmul form; a call
 whose gates span more than 40 nats in a chunk takes the kernel module's exact plain-jnp path), with
 initial / final state, segment resets and its own ``custom_vjp``; each family's op file registers
-:func:`gated_linear`. ``linear_attention`` registers no ``pallas_gpu``: in bf16 its normalized form's dq misses the conformance tolerance by a hair (rms
-0.00802 against 0.008; ``retention`` and ``simple_gla`` pass). The kernel rounds P and dA to bf16 for the
-second ``wgmma`` where the XLA form keeps them fp32; splitting the state operand into bf16 hi + lo
-(tried) did not move it, so the rounding of dA / dO is the lead.
+:func:`gated_linear`. ``linear_attention`` (no decay) uses it too: its normalized form (a call with a
+``post``) runs the backward with ``split_cotangent`` (``dO`` as bf16 high + low parts, 2× backward work),
+without which its bf16 dq missed the conformance tolerance (rms 0.00801 against 0.008: the normalizer's
+gradient cancels, and rounding ``dO`` to bf16 was the dominant error).
 
 Tiles: ``H100_TILES`` compiled for a GPU, ``INTERPRET_TILES`` in the Mosaic GPU interpreter on CPU.
 Evidence ``gpu:interpret`` (numerics) and ``gpu:aot``: forward, reverse state pass and chunk-parallel
@@ -50,7 +50,8 @@ def _config(call: RecurrentCall) -> gl_kernel.GLAGpuConfig:
         scale=float(call.scale), gate=_gate(call),
         gate_grad=call.gate_grad and call.g is not None,
         out_dtype="float32" if call.post is not None else None,
-        tiles=gl_kernel.H100_TILES if interpret is None else gl_kernel.INTERPRET_TILES, interpret=interpret)
+        tiles=gl_kernel.H100_TILES if interpret is None else gl_kernel.INTERPRET_TILES, interpret=interpret,
+        split_cotangent=call.post is not None)
 
 
 def _run(call: RecurrentCall):
