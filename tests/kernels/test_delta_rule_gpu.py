@@ -94,6 +94,7 @@ def test_state_pass_fp32_three_chunks_two_dv_tiles():
     _check_state_pass(jnp.float32, 0, 1, 2, 3, 64, 128)
 
 
+@pytest.mark.slow  # the registry conformance suite runs both delta families in bf16 in the default run
 def test_state_pass_bf16():
     _check_state_pass(jnp.bfloat16, 1, 2, 1, 2, 64, 64)
 
@@ -165,6 +166,7 @@ def test_gated_delta_rule_hard_gates_fp32():
     _check_op(jnp.float32, b, t, h, d, d, seed=2, g=jnp.asarray(g))
 
 
+@pytest.mark.slow  # the registry conformance suite runs gated_delta_rule in bf16 in the default run
 def test_gated_delta_rule_bf16():
     _check_op(jnp.bfloat16, 1, 100, 2, 64, 64, seed=3)
 
