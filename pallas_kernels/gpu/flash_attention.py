@@ -518,6 +518,16 @@ def _dq_call(cfg: FlashConfig, q, k, v, do, lse, delta, q_coords, kv_coords, ste
 # ----------------------------------------------------------------------------- dkv kernel
 
 
+def _group_steps(steps, counts, g: int):
+    """``[nk, m]`` step entries with ``counts [nk]`` live ones -> ``[nk, g·m]`` entries and query-head offsets
+    (int32) for the steps of G heads in a row: step u is head ``u // n``, entry ``u mod n`` (n = counts)."""
+    if g == 1:
+        return steps, jnp.zeros_like(steps)
+    u = jnp.arange(g * steps.shape[1], dtype=jnp.int32)[None, :]
+    n = jnp.maximum(counts, 1)[:, None]
+    return jnp.take_along_axis(steps, u % n, axis=1), (u // n).astype(jnp.int32)
+
+
 def _dkv_call(cfg: FlashConfig, q, k, v, do, lse, delta, q_coords, kv_coords, steps_t, counts_t):
     b, hq, tp, d = q.shape
     hkv, sp, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -530,7 +540,12 @@ def _dkv_call(cfg: FlashConfig, q, k, v, do, lse, delta, q_coords, kv_coords, st
     lane = _Lane(cfg.interpret is not None)
     qt, dot = jnp.swapaxes(q, 2, 3), jnp.swapaxes(do, 2, 3)
 
-    def body(steps_ref, counts_ref, k_ref, v_ref, kc_ref, q_ref, qt_ref, do_ref, dot_ref, lse_ref,
+    # The G heads' steps laid out flat (step u: head u // n, block entry u mod n), so the kernel indexes
+    # instead of dividing by the dynamic n; lse comes pre-scaled to log2 units with empty rows at +inf.
+    steps_t, heads_t = _group_steps(steps_t, counts_t, g)
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse) * LOG2E
+
+    def body(steps_ref, heads_ref, counts_ref, k_ref, v_ref, kc_ref, q_ref, qt_ref, do_ref, dot_ref, lse_ref,
              di_ref, qc_ref, dk_ref, dv_ref, k_s, v_s, kc_s, pt_s, dst_s, q_s, qt_s, do_s, dot_s, lse_s,
              di_s, qc_s, kv_bar, full_bar, used_bar):
         kj, hk, bi = lax.axis_index("kv"), lax.axis_index("h"), lax.axis_index("b")
@@ -539,9 +554,8 @@ def _dkv_call(cfg: FlashConfig, q, k, v, do, lse, delta, q_coords, kv_coords, st
 
         def head_block(u):
             """Step u -> (query head, q block, kind): the G heads of the group, live q blocks inner."""
-            hg, t = u // n, lax.rem(u, n)
-            entry = steps_ref[kj, t]
-            return hk * g + hg, entry >> KIND_BITS, entry & KIND_MASK
+            entry = steps_ref[kj, u]
+            return hk * g + heads_ref[kj, u], entry >> KIND_BITS, entry & KIND_MASK
 
         @pl.when(wg == nwg)
         def _producer():
@@ -585,13 +599,11 @@ def _dkv_call(cfg: FlashConfig, q, k, v, do, lse, delta, q_coords, kv_coords, st
 
                 def step(u, _):
                     slot = lax.rem(u, ns)
-                    _h, _i, kind = head_block(u)
+                    kind = steps_ref[kj, u] & KIND_MASK
                     plgpu.barrier_wait(full_bar.at[slot])
                     st, tanh = _scores(cfg, _matmul((rk, bq), ks, qt_s.at[slot]))  # (keys, queries)
                     st = _mask(cfg, st, kind, k_coord, _coords(lane, qc_s.at[slot], 0), True)
-                    lse = lane.vec(lse_s.at[slot], 0)
-                    lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse) * LOG2E
-                    pt = jnp.exp2(st - _bcast(lse2, st.shape, 0))
+                    pt = jnp.exp2(st - _bcast(lane.vec(lse_s.at[slot], 0), st.shape, 0))
                     dpt = _matmul((rk, bq), vs, dot_s.at[slot])
                     dst = pt * (dpt - _bcast(lane.vec(di_s.at[slot], 0), dpt.shape, 0))
                     if tanh is not None:
@@ -637,7 +649,7 @@ def _dkv_call(cfg: FlashConfig, q, k, v, do, lse, delta, q_coords, kv_coords, st
     return _kernel(body, out, scratch, name="seqmix_flash_dkv", grid=(nk, hkv, b), grid_names=("kv", "h", "b"),
                    num_threads=nwg + 1, thread_name="wg", compiler_params=_compiler_params(cfg),
                    interpret=cfg.interpret)(
-        steps_t, counts_t, k, v, kv_coords, q, qt, do, dot, lse, delta, q_coords)
+        steps_t, heads_t, counts_t, k, v, kv_coords, q, qt, do, dot, lse, delta, q_coords)
 
 
 # ----------------------------------------------------------------------------- custom_vjp
