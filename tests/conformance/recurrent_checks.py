@@ -16,6 +16,10 @@ from tests.ops.attention_cases import packed_segments
 
 T, CHUNK = 75, 32  # three chunks, a partial tail
 SEGMENTS = (1, 31, 32, 5)  # documents ending at 1, 32 (a chunk boundary), 64 (boundary), 69; then 6 tokens
+# Against the reference: documents ending at 1, 32 (a chunk boundary) and 52; the last runs from 52 across the
+# boundary at 64 to the end, so a chunk without a reset carries a decayed state (at chunk 32 and at 64): the
+# chunk-to-chunk decay and its gradient are checked, which a reset in every chunk would hide.
+REFERENCE_SEGMENTS = (1, 31, 20)
 
 
 def segment_ids(b: int, t: int, lengths=SEGMENTS):
@@ -56,12 +60,13 @@ def _cotangents(key, o_shape, o_dtype, state_shape):
 
 def check_against_reference(fam, impl, *, dtype=jnp.float32, regime="stress", seed=0, batch=1, head_dim=16):
     """Forward (o, final_state) and VJP (dq, dk, dv, every gate/β gradient, d initial_state) of ``impl`` vs
-    the reference: T = 75 over 32-row chunks, packed documents, an initial state, random cotangents on o
+    the reference: T = 75 over 32-row chunks, packed documents (:data:`REFERENCE_SEGMENTS`: the last one
+    spans a chunk boundary, so a decayed state crosses it), an initial state, random cotangents on o
     and final_state; fp32 or bf16 tolerances (FAMILIES.md §5.3)."""
     kind = "fp32" if jnp.dtype(dtype) == jnp.float32 else "recurrent_bf16"
     inputs = fam.make_inputs(fam, jax.random.PRNGKey(seed), batch=batch, seq=T, heads=2, dk=head_dim,
                              dv=head_dim, dtype=dtype, regime=regime)
-    seg = segment_ids(batch, T)
+    seg = segment_ids(batch, T, REFERENCE_SEGMENTS)
     call = fam.prepare(*inputs.args, **inputs.arrays, **inputs.options, segment_ids=seg, chunk_size=CHUNK)
     reason = fam.implementations[impl].supports(call)
     assert reason is None, f"{fam.name}/{impl} refuses the conformance call: {reason}"
