@@ -154,6 +154,7 @@ def test_delta_rule_documents_fp32():
     _check_op(jnp.float32, 1, 100, 2, 64, 64, seed=1, gated=False, seg=seg)
 
 
+@pytest.mark.slow  # the conformance suite's fp32 "stress" gates (down to -500, exact zeros) run by default
 def test_gated_delta_rule_hard_gates_fp32():
     """g = -inf (a full forget), -1e30, exact zeros and gates near 0."""
     b, t, h, d = 1, 128, 2, 64

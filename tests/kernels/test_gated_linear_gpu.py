@@ -252,6 +252,7 @@ def test_gla_fp32_segments_hard_resets_two_dv_tiles():
     _gla_case(b, t, h, d, 2 * d, jnp.float32, seg=seg, g=jnp.asarray(g))
 
 
+@pytest.mark.slow  # the registry conformance suite covers this family and dtype with documents by default
 def test_gla_bf16_segments():
     seg = _segments(1, 100, [(30,)])
     g = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(11), (1, 100, 2, 64)) + 4.0)
@@ -310,6 +311,7 @@ def test_linear_attention_no_decay():
     _check_against(kernel_fn, ref_fn, (q, k, v, h0), (do, dsf), jnp.float32, ["dq", "dk", "dv", "dh0"])
 
 
+@pytest.mark.slow  # the registry conformance suite covers this family and dtype with documents by default
 def test_retention_constant_decay():
     b, t, h, d = 1, 100, 2, 64
     q, k, v, _, h0, do, dsf = _inputs(b, t, h, d, d, jnp.float32, seed=6, gate="none")
