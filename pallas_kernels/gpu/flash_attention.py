@@ -555,7 +555,8 @@ def _dkv_call(cfg: FlashConfig, q, k, v, do, lse, delta, q_coords, kv_coords, st
         def head_block(u):
             """Step u -> (query head, q block, kind): the G heads of the group, live q blocks inner."""
             entry = steps_ref[kj, u]
-            return hk * g + heads_ref[kj, u], entry >> KIND_BITS, entry & KIND_MASK
+            h = hk if g == 1 else hk * g + heads_ref[kj, u]  # MHA: no table read (it cost registers)
+            return h, entry >> KIND_BITS, entry & KIND_MASK
 
         @pl.when(wg == nwg)
         def _producer():
