@@ -55,13 +55,11 @@ from jax import lax
 
 from pallas_kernels.gpu.chunk_loop import matmul_sum, run_chunks, tile
 from pallas_kernels.gpu.flash_attention import MAX_TMA_BOX, _bcast, _kernel, _Lane, _matmul, _smem, plgpu
-from pallas_kernels.gpu.gated_linear import GLATiles
+# The recurrent kernels share one tile description (chunk rows, value columns per CTA) and its H100 and
+# interpreter choices.
+from pallas_kernels.gpu.gated_linear import H100_TILES, INTERPRET_TILES, GLATiles  # noqa: F401
 
 F32 = jnp.float32
-#: H100, Dk = Dv = 128, bf16: 64-token chunks, 64 value columns per CTA (the gated-linear kernel's tiles).
-H100_TILES = GLATiles(chunk=64, block_dv=64)
-INTERPRET_TILES = GLATiles(chunk=64, block_dv=64)
-
 
 @dataclasses.dataclass(frozen=True)
 class DeltaGpuConfig:

@@ -194,3 +194,16 @@ def fast_interpreter():
         yield
     finally:
         tm._run_jaxpr = orig
+
+
+@contextlib.contextmanager
+def kernel_session(precision: str | None = "highest"):
+    """A kernel test's interpreter scope: :func:`fast_interpreter`, the matmul precision of the references
+    (None: jax's default) and, however the test ends, a reset of the interpreter's global state (a kernel
+    that raised leaves it behind)."""
+    with fast_interpreter(), jax.default_matmul_precision(precision):
+        try:
+            yield
+        finally:
+            if interpreter_problem() is None:
+                fa.reset_interpreter()

@@ -18,7 +18,7 @@ import pytest
 
 from seqmix import ops
 from seqmix.testing import assert_close, tolerance_kind
-from tests.kernels.gpu_cases import fast_interpreter, interpreter_problem
+from tests.kernels.gpu_cases import interpreter_problem, kernel_session
 
 pytestmark = pytest.mark.interpret
 
@@ -35,11 +35,8 @@ OPERANDS = ("qg", "p", "kd", "u", "w", "a", "h0")
 
 @pytest.fixture(autouse=True)
 def _interpreter():
-    with fast_interpreter(), jax.default_matmul_precision("highest"):
-        try:
-            yield
-        finally:
-            fa.reset_interpreter()  # a kernel that raised leaves the interpreter's state behind
+    with kernel_session():
+        yield
 
 
 def _cfg(dtype, tiles=dr.INTERPRET_TILES, races=False):

@@ -30,12 +30,8 @@ TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2.5e-2}  # max |err| / max(1, max |ref|)
 
 @pytest.fixture(autouse=True)
 def _interpreter():
-    with C.fast_interpreter():
-        try:
-            yield
-        finally:
-            if _PROBLEM is None:
-                fa.reset_interpreter()  # a kernel that raised leaves the interpreter's state behind
+    with C.kernel_session(precision=None):
+        yield
 
 
 def _close(name, got, want, tol):

@@ -20,7 +20,7 @@ import pytest
 
 from seqmix import ops
 from seqmix.testing import assert_close, assert_finite, tolerance_kind
-from tests.kernels.gpu_cases import fast_interpreter, interpreter_problem
+from tests.kernels.gpu_cases import interpreter_problem, kernel_session
 
 pytestmark = pytest.mark.interpret
 
@@ -35,11 +35,8 @@ from pallas_kernels.gpu import gated_linear as gl  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _interpreter():
-    with fast_interpreter(), jax.default_matmul_precision("highest"):
-        try:
-            yield
-        finally:
-            gl.reset_interpreter()  # a kernel that raised leaves the interpreter's state behind
+    with kernel_session():
+        yield
 
 
 def _cfg(dk, gate="scalar", gate_grad=True, tiles=gl.INTERPRET_TILES, races=True):

@@ -44,25 +44,38 @@ def _gate(call: RecurrentCall) -> str:
     return "scalar" if call.g.ndim == 3 else "channel"
 
 
+def _tiles(interpret) -> gl_kernel.GLATiles:
+    """The tiles of every recurrent Mosaic GPU kernel: H100's when compiling, the interpreter's on CPU."""
+    return gl_kernel.H100_TILES if interpret is None else gl_kernel.INTERPRET_TILES
+
+
 def _config(call: RecurrentCall) -> gl_kernel.GLAGpuConfig:
     interpret = _target.gpu_interpret_params()
     return gl_kernel.GLAGpuConfig(
         scale=float(call.scale), gate=_gate(call),
         gate_grad=call.gate_grad and call.g is not None,
         out_dtype="float32" if call.post is not None else None,
-        tiles=gl_kernel.H100_TILES if interpret is None else gl_kernel.INTERPRET_TILES, interpret=interpret,
-        split_cotangent=call.post is not None)
+        tiles=_tiles(interpret), interpret=interpret, split_cotangent=call.post is not None)
+
+
+def _padded_values(call: RecurrentCall, block_dv: int):
+    """v and the initial state (None stays None) zero-padded to whole ``block_dv`` value columns, which the
+    kernels tile by (linear attention's normalizer appends a ones column to v: ``Dv + 1``). Zero columns
+    stay zero through both recurrences; callers slice them off."""
+    dvp = -(-call.v.shape[-1] // block_dv) * block_dv
+    h0 = None if call.initial_state is None else pad_to(jnp.asarray(call.initial_state, jnp.float32), 3, dvp, 0)
+    return pad_to(call.v, 3, dvp, 0), h0
+
+
+def _where(interpret) -> str:
+    return "compiled" if interpret is None else "Mosaic GPU interpreter"
 
 
 def _run(call: RecurrentCall):
-    """The kernel on v (and the initial state) zero-padded to whole ``block_dv`` columns (linear
-    attention's normalizer appends a ones column to v: ``Dv + 1``); the padding is sliced off."""
     cfg = _config(call)
     dv = call.v.shape[-1]
-    dvp = -(-dv // cfg.tiles.block_dv) * cfg.tiles.block_dv
-    h0 = None if call.initial_state is None else pad_to(call.initial_state, 3, dvp, 0)
-    o, final = gl_kernel.gated_linear_attention(cfg, call.q, call.k, pad_to(call.v, 3, dvp, 0), call.g, h0,
-                                                call.resets)
+    v, h0 = _padded_values(call, cfg.tiles.block_dv)
+    o, final = gl_kernel.gated_linear_attention(cfg, call.q, call.k, v, call.g, h0, call.resets)
     return call.finish(o[..., :dv], final[..., :dv])
 
 
@@ -82,8 +95,7 @@ def _supports(call: RecurrentCall) -> str | None:
 
 def _describe(call: RecurrentCall) -> str:
     cfg = _config(call)
-    where = "compiled" if cfg.interpret is None else "Mosaic GPU interpreter"
-    return (f"pallas_kernels.gpu.gated_linear (seqmix_gla_fwd/bwd, {where}): chunk={cfg.tiles.chunk}, "
+    return (f"pallas_kernels.gpu.gated_linear (seqmix_gla_fwd/bwd, {_where(cfg.interpret)}): chunk={cfg.tiles.chunk}, "
             f"block_dv={cfg.tiles.block_dv}, gate={cfg.gate}")
 
 
@@ -108,21 +120,19 @@ def _delta_config(call: RecurrentCall) -> dr_kernel.DeltaGpuConfig:
     interpret = _target.gpu_interpret_params()
     return dr_kernel.DeltaGpuConfig(
         dtype=jnp.dtype(call.q.dtype).name, out_dtype="float32" if call.post is not None else None,
-        tiles=dr_kernel.H100_TILES if interpret is None else dr_kernel.INTERPRET_TILES, interpret=interpret)
+        tiles=_tiles(interpret), interpret=interpret)
 
 
 def _run_delta(call: RecurrentCall):
-    """Operands from the shared WY part, then the state-pass kernel on v (and the initial state)
-    zero-padded to whole ``block_dv`` columns; the padding is sliced off."""
+    """Operands from the shared WY part, then the state-pass kernel (values padded as for gated-linear)."""
     cfg = _delta_config(call)
     b, t, h, dk = call.q.shape
     dv = call.v.shape[-1]
-    dvp = -(-dv // cfg.tiles.block_dv) * cfg.tiles.block_dv
-    ops = _delta_chunk.kernel_operands(call.q, call.k, pad_to(call.v, 3, dvp, 0), call.beta, call.g,
-                                       call.resets, scale=float(call.scale), chunk=cfg.tiles.chunk)
-    h0 = jnp.zeros((b, h, dk, dvp), jnp.float32)
-    if call.initial_state is not None:
-        h0 = pad_to(jnp.asarray(call.initial_state, jnp.float32), 3, dvp, 0)
+    v, h0 = _padded_values(call, cfg.tiles.block_dv)
+    if h0 is None:
+        h0 = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
+    ops = _delta_chunk.kernel_operands(call.q, call.k, v, call.beta, call.g, call.resets, scale=float(call.scale),
+                                       chunk=cfg.tiles.chunk)
     o, final = dr_kernel.state_pass(cfg, *ops, h0)
     o = jnp.moveaxis(o, 1, 2)[:, :t, :, :dv]
     return call.finish(o, final[..., :dv])
@@ -130,9 +140,8 @@ def _run_delta(call: RecurrentCall):
 
 def _describe_delta(call: RecurrentCall) -> str:
     cfg = _delta_config(call)
-    where = "compiled" if cfg.interpret is None else "Mosaic GPU interpreter"
     return (f"WY operands in XLA (seqmix.ops._delta_chunk.kernel_operands), state pass "
-            f"pallas_kernels.gpu.delta_rule (seqmix_delta_fwd/bwd, {where}): chunk={cfg.tiles.chunk}, "
+            f"pallas_kernels.gpu.delta_rule (seqmix_delta_fwd/bwd, {_where(cfg.interpret)}): chunk={cfg.tiles.chunk}, "
             f"block_dv={cfg.tiles.block_dv}")
 
 
