@@ -57,7 +57,7 @@ from pallas_kernels.gpu.chunk_loop import matmul_sum, run_chunks, tile
 from pallas_kernels.gpu.flash_attention import MAX_TMA_BOX, _bcast, _kernel, _Lane, _matmul, _smem, plgpu
 # The recurrent kernels share one tile description (chunk rows, value columns per CTA) and its H100 and
 # interpreter choices.
-from pallas_kernels.gpu.gated_linear import H100_TILES, INTERPRET_TILES, GLATiles  # noqa: F401
+from pallas_kernels.gpu.gated_linear import H100_TILES, INTERPRET_TILES, GLATiles, _compiler_params  # noqa: F401
 
 F32 = jnp.float32
 
@@ -72,10 +72,6 @@ class DeltaGpuConfig:
     out_dtype: str | None = None
     interpret: Any = None
     approx_math: bool = False
-
-
-def _compiler_params(cfg: DeltaGpuConfig):
-    return None if cfg.interpret is not None else plgpu.CompilerParams(approx_math=cfg.approx_math)
 
 
 def smem_bytes(tiles: GLATiles, dk: int, dv: int, dtype, out_dtype=None) -> dict[str, int]:
