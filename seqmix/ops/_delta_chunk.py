@@ -297,6 +297,7 @@ def _core_bwd(st, res, cts):
 
 
 _delta_core.defvjp(_core_fwd, _core_bwd)
+_delta_core_jit = jax.jit(_delta_core, static_argnums=(0,))  # one program per shape, not op-by-op when eager
 
 
 def _defaults(q_or_k, v, beta, g, initial_state, resets):
@@ -319,7 +320,7 @@ def chunk_delta(q, k, v, beta, g=None, initial_state=None, resets=None, *, scale
     """
     beta, g, s0, resets = _defaults(q, v, beta, g, initial_state, resets)
     st = _Static(int(chunk_size), float(scale))
-    return _delta_core(st, q, k, v, g, beta, s0, resets)
+    return _delta_core_jit(st, q, k, v, g, beta, s0, resets)
 
 
 def xla_impl(call):

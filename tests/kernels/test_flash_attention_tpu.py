@@ -19,7 +19,7 @@ from seqmix.ops.tpu import attention as attention_pallas
 from seqmix.ops.tpu import tiles as tpu_blocks
 from seqmix.ops import masks as M
 from seqmix.testing import assert_close, tolerance_kind
-from tests.ops.attention_cases import MASKS, packed_segments, qkv
+from tests.ops.attention_cases import MASKS, attention_vjp, packed_segments, qkv
 
 pytestmark = pytest.mark.interpret
 
@@ -32,16 +32,6 @@ def _pinned_interpret():
         yield
 
 
-def _run(impl, q, k, v, sink, do, dlse, kwargs):
-    @jax.jit
-    def go(q, k, v, sink, do, dlse):
-        def f(q, k, v, sink):
-            return ops.attention(q, k, v, sink_logits=sink, return_lse=True, impl=impl, **kwargs)
-        out, vjp = jax.vjp(f, q, k, v, sink)
-        return out, vjp((do, dlse))
-    return go(q, k, v, sink, do, dlse)
-
-
 def compare(q, k, v, *, sink=None, kind=None, seed=1, **kwargs):
     """Kernel vs reference: o, lse, dq, dk, dv (and d sink). Returns the kernel's (o, lse)."""
     call = ops.get_family("attention").prepare(q, k, v, sink_logits=sink, **kwargs)
@@ -51,8 +41,8 @@ def compare(q, k, v, *, sink=None, kind=None, seed=1, **kwargs):
     kd, kl = jax.random.split(jax.random.PRNGKey(seed))
     do = jax.random.normal(kd, (b, tq, hq, v.shape[-1]), jnp.float32).astype(q.dtype)
     dlse = jax.random.normal(kl, (b, hq, tq), jnp.float32)
-    (o, lse), g = _run("pallas_tpu", q, k, v, sink, do, dlse, kwargs)
-    (o_ref, lse_ref), g_ref = _run("reference", q, k, v, sink, do, dlse, kwargs)
+    (o, lse), g = attention_vjp("pallas_tpu", q, k, v, sink, (do, dlse), **kwargs)
+    (o_ref, lse_ref), g_ref = attention_vjp("reference", q, k, v, sink, (do, dlse), **kwargs)
     assert o.dtype == q.dtype and lse.dtype == jnp.float32
     assert_close(o, o_ref, kind=kind, role="out", name="o")
     assert_close(lse, lse_ref, kind=kind, role="out", name="lse")

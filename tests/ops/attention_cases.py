@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqmix import ops
 from seqmix.ops import masks as M
 from seqmix.ops.neighborhood_mask import neighborhood
 from seqmix.testing import packed_segments  # noqa: F401 - the tests import it from here
@@ -15,6 +16,18 @@ def qkv(seed, b, tq, s, hq, hkv, d, dtype=jnp.float32, dv=None):
     return (jax.random.normal(kq, (b, tq, hq, d), jnp.float32).astype(dtype),
             jax.random.normal(kk, (b, s, hkv, d), jnp.float32).astype(dtype),
             jax.random.normal(kv, (b, s, hkv, dv), jnp.float32).astype(dtype))
+
+
+def attention_vjp(impl, q, k, v, sink, cts, **kwargs):
+    """``((o, lse), (dq, dk, dv, dsink))`` of ``ops.attention(..., impl=impl)`` under one jit, as users run it
+    (called eagerly, every primitive of the op and its VJP would compile on its own). ``cts = (do, dlse)``."""
+    @jax.jit
+    def go(q, k, v, sink, cts):
+        def f(q, k, v, sink):
+            return ops.attention(q, k, v, sink_logits=sink, return_lse=True, impl=impl, **kwargs)
+        out, vjp = jax.vjp(f, q, k, v, sink)
+        return out, vjp(cts)
+    return go(q, k, v, sink, cts)
 
 
 def random_block_sparse(t, s, block, density, seed=0):

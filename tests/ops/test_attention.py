@@ -19,7 +19,7 @@ from seqmix.ops import masks as M
 from seqmix.ops.tpu import tiles
 from seqmix.testing import assert_close, assert_not_close, tolerance_kind
 from tests.conformance import plan
-from tests.ops.attention_cases import MASKS, packed_segments, qkv
+from tests.ops.attention_cases import MASKS, attention_vjp, packed_segments, qkv
 
 CELLS = plan.cells("softmax", family_filter=lambda f: f.name == "attention")
 MODE = dict((impl, mode) for _, impl, mode in CELLS)
@@ -71,21 +71,15 @@ def compare(impl, q, k, v, *, kind=None, seed=1, diff_sink=False, **kwargs):
     _runnable(impl, q, k, v, **kwargs)
     kind = kind or tolerance_kind(q.dtype, "softmax")
     sink = kwargs.pop("sink_logits", None)
-
-    def run(name):
-        def f(q, k, v, sink):
-            return ops.attention(q, k, v, sink_logits=sink, return_lse=True, impl=name, **kwargs)
-        return jax.vjp(f, q, k, v, sink)
-
-    (o_ref, lse_ref), vjp_ref = run("reference")
-    (o, lse), vjp = run(impl)
+    b, tq, hq, _ = q.shape
+    kd, kl = jax.random.split(jax.random.PRNGKey(seed))
+    do = jax.random.normal(kd, (b, tq, hq, v.shape[-1]), jnp.float32).astype(q.dtype)
+    dlse = jax.random.normal(kl, (b, hq, tq), jnp.float32)
+    (o_ref, lse_ref), g_ref = attention_vjp("reference", q, k, v, sink, (do, dlse), **kwargs)
+    (o, lse), g = attention_vjp(impl, q, k, v, sink, (do, dlse), **kwargs)
     assert o.dtype == q.dtype and lse.dtype == jnp.float32
     assert_close(o, o_ref, kind=kind, role="out", name="o")
     assert_close(lse, lse_ref, kind=kind, role="out", name="lse")
-    kd, kl = jax.random.split(jax.random.PRNGKey(seed))
-    do = jax.random.normal(kd, o.shape, jnp.float32).astype(o.dtype)
-    dlse = jax.random.normal(kl, lse.shape, jnp.float32)
-    g_ref, g = vjp_ref((do, dlse)), vjp((do, dlse))
     for name, a, r in zip(("dq", "dk", "dv"), g[:3], g_ref[:3]):
         assert jnp.all(jnp.isfinite(a)), name
         assert_close(a, r, kind=kind, role="grad", name=name)
@@ -94,8 +88,23 @@ def compare(impl, q, k, v, *, kind=None, seed=1, diff_sink=False, **kwargs):
     return o, lse
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mask_name", sorted(MASKS))
+# An interpreted kernel checks every mask in its own tests (tests/kernels/); here the default run keeps these
+# two per interpreted implementation (a band and a composed mask) and leaves the rest to the slow run.
+INTERPRET_DEFAULT_MASKS = ("causal", "composed")
+
+
+def _impl_mask_params():
+    out = []
+    for p in IMPLS:
+        impl = p.values[0]
+        for mask_name in sorted(MASKS):
+            slow = MODE[impl] != "cpu" and mask_name not in INTERPRET_DEFAULT_MASKS
+            marks = list(p.marks) + ([pytest.mark.slow] if slow else [])
+            out.append(pytest.param(impl, mask_name, marks=marks, id=f"{mask_name}-{p.id}"))
+    return out
+
+
+@pytest.mark.parametrize("impl, mask_name", _impl_mask_params())
 @pytest.mark.parametrize("t", [pytest.param(37, marks=pytest.mark.slow), 75])  # 75: several blocks, a partial one
 def test_masks_match_reference(impl, mask_name, t):
     q, k, v = qkv(0, 2, t, t, 4, 2, 16)

@@ -1,5 +1,8 @@
 """Block metadata is sound: EMPTY blocks hold no allowed pair and FULL blocks hold only allowed pairs."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -79,9 +82,11 @@ def test_composed_masks_sound_on_any_positions(mask, t, bq, bk, cut, shuffled):
     seg = jnp.asarray((np.arange(n) >= min(cut, n - 1)).astype(np.int32)[None])
     q_pos, kv_pos = jnp.asarray(pos[:tp]), jnp.asarray(pos[:sp])
     q_rel, kv_rel = M.segment_relative(q_pos, seg[:, :tp]), M.segment_relative(kv_pos, seg[:, :sp])
-    dense = np.asarray(block_meta.full_allowed(mask, q_pos, kv_pos, q_rel, kv_rel, seg[:, :tp], seg[:, :sp]))
-    cls = np.asarray(block_meta.classify_blocks(mask, q_pos, kv_pos, q_rel, kv_rel, seg[:, :tp], seg[:, :sp],
-                                       jnp.ones((tp,), bool), bq, bk))
+    # jitted: one program per example instead of one compile per primitive (most of the test's time)
+    dense = np.asarray(jax.jit(functools.partial(block_meta.full_allowed, mask))(
+        q_pos, kv_pos, q_rel, kv_rel, seg[:, :tp], seg[:, :sp]))
+    cls = np.asarray(jax.jit(functools.partial(block_meta.classify_blocks, mask, block_q=bq, block_kv=bk))(
+        q_pos, kv_pos, q_rel, kv_rel, seg[:, :tp], seg[:, :sp], jnp.ones((tp,), bool)))
     for i in range(cls.shape[0]):
         for j in range(cls.shape[1]):
             blk = dense[:, i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]

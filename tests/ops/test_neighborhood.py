@@ -34,8 +34,10 @@ def _classes(mask, t, bq, bk):
     tp, sp = -(-t // bq) * bq, -(-t // bk) * bk
     pos = jnp.arange(t, dtype=jnp.int32)
     q_pos, kv_pos = block_meta.pad_to(pos, 0, tp), block_meta.pad_to(pos, 0, sp, -1)
-    return block_meta.classify_blocks(mask, q_pos, kv_pos, q_pos[None], kv_pos[None], None, None,
-                                      jnp.arange(tp) < t, bq, bk)
+    classify = functools.partial(block_meta.classify_blocks, mask, q_seg=None, kv_seg=None, block_q=bq, block_kv=bk)
+    # jitted: one program per configuration instead of one compile per primitive
+    return jax.jit(lambda qp, kp, valid: classify(qp, kp, qp[None], kp[None], q_valid=valid))(
+        q_pos, kv_pos, jnp.arange(tp) < t)
 
 
 def keys_of(mask, i) -> list[int]:
@@ -161,11 +163,13 @@ def test_op_matches_dense_softmax_forward_and_backward(impl, case):
     def ours(q, k, v):
         return neighborhood_attention(q, k, v, impl=impl, block_q=16, block_kv=16, **opts)
 
-    def want(q, k, v):
-        return _dense_softmax(flat(q), flat(k), flat(v), dense(mask), dh ** -0.5).reshape(q.shape)
+    allowed = dense(mask)  # numpy, outside the jit
 
-    o, pull = jax.vjp(ours, q, k, v)
-    o_r, pull_r = jax.vjp(want, q, k, v)
+    def want(q, k, v):
+        return _dense_softmax(flat(q), flat(k), flat(v), allowed, dh ** -0.5).reshape(q.shape)
+
+    o, pull = jax.vjp(jax.jit(ours), q, k, v)  # jitted: one program, not one compile per primitive
+    o_r, pull_r = jax.vjp(jax.jit(want), q, k, v)
     testing.assert_close(o, o_r, role="out", name=f"o {mask}")
     for g, g_r, n in zip(pull(do), pull_r(do), ("dq", "dk", "dv")):
         assert np.isfinite(np.asarray(g)).all(), n
