@@ -1,8 +1,12 @@
 """experiments/bench.py at toy sizes: every row carries its useful FLOPs, the matmul throughput measured
-in the same run and the fraction of it; the JSON, tables and plot come out for both suites."""
+in the same run and the fraction of it; the JSON, tables and plot come out for both suites. Also
+experiments/na_bench.py and experiments/op_profile.py at toy sizes."""
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +89,19 @@ def test_neighborhood_bench_at_toy_size(tmp_path):
     assert tile["row_major_metadata"]["non_empty"] >= tile["row_major"]["non_empty"] > 0
     assert tile["row_major"]["non_empty"] < 1 and tile["tile_major"]["non_empty"] < 1
     assert (tmp_path / "na.png").stat().st_size > 10_000
+
+
+def test_op_profile_at_toy_size(tmp_path):
+    """experiments/op_profile.py (a subprocess: it sets XLA's trace flag before JAX starts): the per-instruction
+    times of one compiled call, matmuls recognized, control flow kept out of the sum, JSON written."""
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "op_profile.py"), "--family", "simple_gla",
+                           "--seq", "128", "--heads", "2", "--head-dim", "16", "--repeats", "2", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["family"] == "simple_gla" and result["mode"] == "fwd+bwd" and result["wall_seconds"] > 0
+    assert result["by_kind"].get("matmul", 0) > 0  # the chunk dots were traced and recognized
+    assert result["instruction_seconds"] == pytest.approx(sum(result["by_kind"].values()))
+    assert all(o["opcode"] not in ("while", "conditional", "call") for o in result["top"])
+    assert "| matmul |" in proc.stdout
