@@ -19,10 +19,12 @@ space (``-inf``) before ``exp``. Four paths build ``P``:
 
 * ``"none"``   (no gate): ``P = (Q Kᵀ) ⊙ M``;
 * ``"scalar"``: ``P = (Q Kᵀ) ⊙ Γ``, ``Γ_ij = exp(G_i − G_j)`` masked to ``i ≥ j`` (same segment) in log space;
-* ``"channel"``, anchored (every chunk's per-channel span ``max G − min G`` ≤ ``ANCHOR_SPAN`` = 40 nats, which
+* ``"channel"``, anchored (a chunk whose per-channel span ``max G − min G`` is ≤ ``ANCHOR_SPAN`` = 40 nats, which
   typical gates meet by far): ``P = (Q ⊙ exp(G − m)) (K ⊙ exp(m − G))ᵀ`` masked, ``m`` the middle of the
   chunk's range per channel, so both factors lie within ``e^{±20}``: one C×C matmul as in the scalar path;
-* ``"channel"``, secondary chunking (any wider span, chosen for the whole call by ``lax.cond``): sub-chunks of
+  computed for every chunk, then the wider ones are recomputed by
+* ``"channel"``, secondary chunking (exact for any span; a loop over batches of the wide chunks only, which
+  runs zero times on typical gates: :func:`_redo_wide_chunks`): sub-chunks of
   ``sub`` rows (16 by default); off-diagonal sub-blocks
   ``(a, b), a > b`` are one matmul anchored at ``r``, the first row of sub-chunk ``a``:
   ``(Q_[a] ⊙ exp(G_[a] − G_r)) (K_[b] ⊙ exp(G_r − G_[b]))ᵀ`` (both factors ≤ 1); diagonal sub-blocks are
@@ -87,6 +89,8 @@ SUB_CHUNK = 16  # secondary-chunk rows for per-channel gates (FAMILIES.md §2.6)
 # (GLA's logsigmoid/16 gate: ~3); a hard reset (g = −30 after clamping) still fits. Wider spans take
 # secondary chunking, which forms no positive exponent at all.
 ANCHOR_SPAN = 40.0
+# Wide chunks (span > ANCHOR_SPAN) recomputed per loop step by secondary chunking (_redo_wide_chunks).
+WIDE_BATCH = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,52 +351,87 @@ def _channel_parts(cfg: ChunkConfig, x: _Chunked) -> _ChannelParts:
     return _ChannelParts(qs, ks, q_anch, k_anch, qf, kf, gs)
 
 
-def _anchorable(G):
-    """Scalar bool: every chunk's per-channel span ``max_i G_i − min_i G_i`` is at most ``ANCHOR_SPAN``."""
-    return jnp.all(G.max(axis=-2) - G.min(axis=-2) <= ANCHOR_SPAN)
-
-
 def _anchored_factors(G):
     """``exp(G − m)`` and ``exp(m − G)`` (fp32 ``[Z, N, C, Dk]``), ``m`` the middle of each chunk's and
-    channel's range of G: within ``e^{±ANCHOR_SPAN/2}`` on an anchorable input."""
+    channel's range of G: within ``e^{±ANCHOR_SPAN/2}`` on a chunk that is not wide (:func:`_wide_chunks`)."""
     m = 0.5 * (G.max(axis=-2, keepdims=True) + G.min(axis=-2, keepdims=True))
     return jnp.exp(G - m), jnp.exp(m - G)
 
 
+def _anchored(x: _Chunked, dp):
+    """The anchored one-matmul path on every chunk (exact where :func:`_wide_chunks` is False)."""
+    cdt = x.q.dtype
+    eq, ek = _anchored_factors(x.G)
+    qa, ka = _rows(x.q, eq, cdt), _rows(x.k, ek, cdt)
+    p = _dot("znid,znjd->znij", qa, ka)
+    if dp is None:
+        return p
+    dpc = dp.astype(cdt)
+    return p, eq * _dot("znij,znjd->znid", dpc, ka), ek * _dot("znij,znid->znjd", dpc, qa)
+
+
+def _secondary(cfg: ChunkConfig, x: _Chunked, dp):
+    """Secondary chunking on every chunk of ``x`` (exact for any gate)."""
+    c, sub = cfg.chunk, cfg.sub
+    ns = c // sub
+    cdt = x.q.dtype
+    cp = _channel_parts(cfg, x)
+    p_off = _dot("...aid,...ajd->...aij", cp.q_anch, cp.k_anch)  # [.., ns, sub, C]
+    p_diag = _diag_scores(cp.qs, cp.ks, cp.gs)  # [.., ns, sub, sub]
+    p = p_off.reshape(p_off.shape[:-3] + (c, c)) + _blockdiag(p_diag)
+    if dp is None:
+        return p
+    dp_off = dp.reshape(dp.shape[:-2] + (ns, sub, c)).astype(cdt)
+    dq_off = cp.qf * _dot("...aij,...ajd->...aid", dp_off, cp.k_anch)
+    dk_off = jnp.sum(cp.kf * _dot("...aij,...aid->...ajd", dp_off, cp.q_anch), axis=-3)
+    dq_diag, dk_diag = _diag_grads(cp.qs, cp.ks, cp.gs, _diag_blocks(dp, ns, sub))
+    return p, (dq_off + dq_diag).reshape(x.q.shape), dk_off + dk_diag.reshape(x.k.shape)
+
+
+def _wide_chunks(G):
+    """bool ``[Z, N]``: the chunk's per-channel span ``max_i G_i − min_i G_i`` exceeds ``ANCHOR_SPAN`` somewhere."""
+    return jnp.any(G.max(axis=-2) - G.min(axis=-2) > ANCHOR_SPAN, axis=-1)
+
+
+def _redo_wide_chunks(cfg: ChunkConfig, x: _Chunked, dp, out):
+    """``out`` (the anchored results, ``[Z, N, ...]`` leaves) with every wide chunk recomputed by secondary
+    chunking, ``WIDE_BATCH`` chunks per step of a loop that runs ``ceil(#wide / WIDE_BATCH)`` times: zero
+    times on typical gates, so they pay for the check only.
+
+    The loop's operands and carries are 1-D: XLA:CPU gives a loop's operands the layouts its body prefers and
+    computes them before the loop, used or not (measured: transposed copies of q, k and G on every call);
+    a 1-D array has one layout, so the reshapes happen inside the body, only when it runs."""
+    z, n = x.q.shape[:2]
+    m = z * n
+    batch = min(WIDE_BATCH, m)
+    wide = _wide_chunks(x.G).reshape(m)
+    rows_all = jnp.nonzero(wide, size=m + batch, fill_value=m)[0]  # then m: an out-of-range row, dropped
+    ins = (x.q, x.k, x.G) + (() if dp is None else (dp,))
+    shapes = [(m,) + a.shape[2:] for a in ins]
+    out_shapes = [(m,) + a.shape[2:] for a in jax.tree_util.tree_leaves(out)]
+    flat_ins = [a.reshape(-1) for a in ins]
+
+    def step(i, acc):
+        rows = jax.lax.dynamic_slice_in_dim(rows_all, i * batch, batch)
+        take = [a.reshape(sh).at[rows].get(mode="fill", fill_value=0)[None] for a, sh in zip(flat_ins, shapes)]
+        res = _secondary(cfg, x._replace(q=take[0], k=take[1], G=take[2]), take[3] if dp is not None else None)
+        return [a.reshape(sh).at[rows].set(r[0], mode="drop").reshape(-1)
+                for a, sh, r in zip(acc, out_shapes, jax.tree_util.tree_leaves(res))]
+
+    trips = (jnp.sum(wide, dtype=jnp.int32) + batch - 1) // batch
+    acc = jax.lax.fori_loop(0, trips, step, [a.reshape(-1) for a in jax.tree_util.tree_leaves(out)])
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out),
+                                        [a.reshape(o.shape) for a, o in zip(acc, jax.tree_util.tree_leaves(out))])
+
+
 def _channel_intra(cfg: ChunkConfig, x: _Chunked, f: _Factors, dp=None):
-    """Per-channel intra-chunk work on one path, chosen once: the anchored C×C matmul when the gates allow it
-    (:func:`_anchorable`), else secondary chunking.
+    """Per-channel intra-chunk work: the anchored C×C matmul on every chunk, then secondary chunking for the
+    chunks whose gates are too wide for it (:func:`_redo_wide_chunks`; none on typical gates).
 
     Returns ``P`` (fp32 ``[Z, N, C, C]``, masked); given a masked ``dP`` (zero for j ≥ i and across segments)
     also ``Σ_j dP_ij K_j ⊙ exp(G_i − G_j)`` and ``Σ_i dP_ij Q_i ⊙ exp(G_i − G_j)`` (fp32 ``[Z, N, C, Dk]``).
     """
-    cdt = x.q.dtype
-    c, sub = cfg.chunk, cfg.sub
-    ns = c // sub
-
-    def anchored():
-        eq, ek = _anchored_factors(x.G)
-        qa, ka = _rows(x.q, eq, cdt), _rows(x.k, ek, cdt)
-        p = _dot("znid,znjd->znij", qa, ka)
-        if dp is None:
-            return p
-        dpc = dp.astype(cdt)
-        return p, eq * _dot("znij,znjd->znid", dpc, ka), ek * _dot("znij,znid->znjd", dpc, qa)
-
-    def secondary():
-        cp = _channel_parts(cfg, x)
-        p_off = _dot("...aid,...ajd->...aij", cp.q_anch, cp.k_anch)  # [.., ns, sub, C]
-        p_diag = _diag_scores(cp.qs, cp.ks, cp.gs)  # [.., ns, sub, sub]
-        p = p_off.reshape(p_off.shape[:-3] + (c, c)) + _blockdiag(p_diag)
-        if dp is None:
-            return p
-        dp_off = dp.reshape(dp.shape[:-2] + (ns, sub, c)).astype(cdt)
-        dq_off = cp.qf * _dot("...aij,...ajd->...aid", dp_off, cp.k_anch)
-        dk_off = jnp.sum(cp.kf * _dot("...aij,...aid->...ajd", dp_off, cp.q_anch), axis=-3)
-        dq_diag, dk_diag = _diag_grads(cp.qs, cp.ks, cp.gs, _diag_blocks(dp, ns, sub))
-        return p, (dq_off + dq_diag).reshape(x.q.shape), dk_off + dk_diag.reshape(x.k.shape)
-
-    out = jax.lax.cond(_anchorable(x.G), anchored, secondary)
+    out = _redo_wide_chunks(cfg, x, dp, _anchored(x, dp))
     if dp is None:
         return jnp.where(f.ok, out, 0.0)
     p, dq, dk = out

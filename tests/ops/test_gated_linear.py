@@ -471,6 +471,26 @@ def _chunked_vjp(q, k, v, g, h0, resets, cot, chunk):
     return out, pullback(cot)
 
 
+def test_gla_wide_chunks_among_typical_ones_match_the_reference(monkeypatch):
+    """Only the chunks whose gates are too wide for the anchored matmul take secondary chunking, a few per
+    loop step (here 5, so the last step is partly padding): forward and VJP equal the token-loop reference."""
+    t = 300  # chunks of 32: tokens 10-17, 70-77 and 200-207 sit in chunks 0, 2 and 6
+    q, k, v, g, h0 = make_inputs("gla", t)
+    hard = jnp.concatenate([jnp.arange(8) + t0 for t0 in (10, 70, 200)])
+    g = g.at[:, hard].set(-30.0)  # spans of 240 nats: the anchored factors would overflow (e^120)
+    cot = make_cotangents("gla", t)
+    cfg = _gated_chunk.make_config(q, g, 32, 1.0)
+    wide = _gated_chunk._wide_chunks(_gated_chunk._split(cfg, q, k, v, g, None).G)
+    assert int(wide.sum()) == 3 * B * H and 5 < wide.size
+    monkeypatch.setattr(_gated_chunk, "WIDE_BATCH", 5)
+    ours = jax.jit(lambda *a: _chunked_vjp(*a, 32))(q, k, v, g, h0, None, cot)  # a new trace
+    ref = vjp_fn("gla", "reference")(q, k, v, g, h0, None, cot)
+    names = ("o", "final_state") + NAMES
+    roles = ("out", "out") + ROLES
+    for x, y, n, role in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref), names, roles):
+        testing.assert_close(x, y, role=role, name=n)
+
+
 def test_gla_anchored_and_secondary_paths_agree(monkeypatch):
     """Typical gates take the one-matmul anchored path, wide gate spans the secondary chunking; on an input
     both can serve they agree (forward, VJP, with segments and a length that does not divide the chunk)."""
@@ -481,13 +501,13 @@ def test_gla_anchored_and_secondary_paths_agree(monkeypatch):
     resets = segments([30, 70], [100]) != jnp.roll(segments([30, 70], [100]), 1, axis=1)
     resets = resets.at[:, 0].set(True)
     split = _gated_chunk._split(_gated_chunk.make_config(q, g, 64, 1.0), q, k, v, g, resets)
-    assert bool(_gated_chunk._anchorable(split.G))
+    assert not bool(jnp.any(_gated_chunk._wide_chunks(split.G)))
     wide = _stress_gate("gla", "-50", t)
-    assert not bool(_gated_chunk._anchorable(_gated_chunk._split(
-        _gated_chunk.make_config(q, wide, 64, 1.0), q, k, v, wide, resets).G))
+    assert bool(jnp.all(_gated_chunk._wide_chunks(_gated_chunk._split(
+        _gated_chunk.make_config(q, wide, 64, 1.0), q, k, v, wide, resets).G)))
     run = lambda: jax.jit(lambda *a: _chunked_vjp(*a, 64))(q, k, v, g, h0, resets, cot)  # noqa: E731  a new trace
     anchored = run()
-    monkeypatch.setattr(_gated_chunk, "ANCHOR_SPAN", -1.0)  # no chunk qualifies: secondary chunking
+    monkeypatch.setattr(_gated_chunk, "ANCHOR_SPAN", -1.0)  # every chunk is wide: secondary chunking
     secondary = run()
     names = ("o", "final_state", "dq", "dk", "dv", "dg", "dh0")
     roles = ("out", "out", "grad", "grad", "grad", "gate", "grad")
