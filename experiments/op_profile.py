@@ -40,7 +40,6 @@ sys.path[:0] = [str(REPO), str(REPO / "experiments")]
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax._src import profiler as _profiler  # noqa: E402 - ProfileData: the collected trace, in-process
 
 import bench  # noqa: E402
 from seqmix import ops  # noqa: E402
@@ -73,7 +72,7 @@ def thunk_times(compiled, args, repeats: int) -> dict[str, float]:
             jax.block_until_ready(compiled(*args))
         jax.profiler.stop_trace()
         path = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0]
-        data = _profiler.ProfileData.from_file(path)
+        data = jax.profiler.ProfileData.from_file(path)
     totals = collections.Counter()
     for plane in data.planes:
         if not plane.name.startswith("/host"):

@@ -407,21 +407,21 @@ def _redo_wide_chunks(cfg: ChunkConfig, x: _Chunked, dp, out):
     wide = _wide_chunks(x.G).reshape(m)
     rows_all = jnp.nonzero(wide, size=m + batch, fill_value=m)[0]  # then m: an out-of-range row, dropped
     ins = (x.q, x.k, x.G) + (() if dp is None else (dp,))
-    shapes = [(m,) + a.shape[2:] for a in ins]
-    out_shapes = [(m,) + a.shape[2:] for a in jax.tree_util.tree_leaves(out)]
-    flat_ins = [a.reshape(-1) for a in ins]
+    leaves, treedef = jax.tree_util.tree_flatten(out)
+    by_chunk = lambda a: a.reshape((m,) + a.shape[2:])  # noqa: E731 - [Z, N, ...] -> [Z·N, ...]
 
     def step(i, acc):
         rows = jax.lax.dynamic_slice_in_dim(rows_all, i * batch, batch)
-        take = [a.reshape(sh).at[rows].get(mode="fill", fill_value=0)[None] for a, sh in zip(flat_ins, shapes)]
+        take = [by_chunk(a.reshape(o.shape)).at[rows].get(mode="fill", fill_value=0)[None]
+                for a, o in zip(flat_ins, ins)]
         res = _secondary(cfg, x._replace(q=take[0], k=take[1], G=take[2]), take[3] if dp is not None else None)
-        return [a.reshape(sh).at[rows].set(r[0], mode="drop").reshape(-1)
-                for a, sh, r in zip(acc, out_shapes, jax.tree_util.tree_leaves(res))]
+        return [by_chunk(a.reshape(o.shape)).at[rows].set(r[0], mode="drop").reshape(-1)
+                for a, o, r in zip(acc, leaves, jax.tree_util.tree_leaves(res))]
 
+    flat_ins = [a.reshape(-1) for a in ins]
     trips = (jnp.sum(wide, dtype=jnp.int32) + batch - 1) // batch
-    acc = jax.lax.fori_loop(0, trips, step, [a.reshape(-1) for a in jax.tree_util.tree_leaves(out)])
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out),
-                                        [a.reshape(o.shape) for a, o in zip(acc, jax.tree_util.tree_leaves(out))])
+    acc = jax.lax.fori_loop(0, trips, step, [a.reshape(-1) for a in leaves])
+    return jax.tree_util.tree_unflatten(treedef, [a.reshape(o.shape) for a, o in zip(acc, leaves)])
 
 
 def _channel_intra(cfg: ChunkConfig, x: _Chunked, f: _Factors, dp=None):

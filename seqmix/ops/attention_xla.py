@@ -45,10 +45,14 @@ def _blocks(x, axis, block):
     return jnp.moveaxis(x.reshape(shape), axis, 0)
 
 
+def _mm(spec, a, b):
+    """fp32-accumulated einsum at HIGHEST precision (every matmul here)."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=HIGHEST)
+
+
 def _scores(st: _Static, qi, kj):
     """fp32 scores [B, Hkv, G, bq, bk] (soft-capped) and the tanh needed by the backward."""
-    s = jnp.einsum("bhgqd,bhkd->bhgqk", qi, kj, preferred_element_type=jnp.float32,
-                   precision=HIGHEST) * st.scale
+    s = _mm("bhgqd,bhkd->bhgqk", qi, kj) * st.scale
     if st.soft_cap is None:
         return s, None
     t = jnp.tanh(s / st.soft_cap)
@@ -139,8 +143,7 @@ def _flash_forward(st: _Static, q, k, v, sink, cls, qmeta, kmeta):
                     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                     corr = jnp.exp(m - m_use)
                     p = jnp.exp(s - m_use[..., None])
-                    pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(vj.dtype), vj,
-                                    preferred_element_type=jnp.float32, precision=HIGHEST)
+                    pv = _mm("bhgqk,bhkd->bhgqd", p.astype(vj.dtype), vj)
                     return m_new, corr * l + p.sum(-1), corr[..., None] * acc + pv
                 return f
 
@@ -177,12 +180,17 @@ def _unblock_lse(lse, b, tq, hq):
     return lse.transpose(1, 2, 3, 0, 4).reshape(b, hq, nq * bq)[:, :, :tq]
 
 
+def _zeros_transposed(x):
+    """fp32 zeros shaped like ``x`` with its last two axes swapped."""
+    return jnp.zeros(x.shape[:-2] + (x.shape[-1], x.shape[-2]), jnp.float32)
+
+
 def _flash_backward(st: _Static, q, k, v, lse_b, do, dlse, cls, qmeta, kmeta):
     """dq, dk, dv (f32, padded layout) by recomputing each block's probabilities from the lse.
 
-    dk and dv are accumulated transposed, ``dKᵀ += Qᵀ dS`` and ``dVᵀ += dOᵀ P`` with ``Qᵀ``, ``dOᵀ`` formed once
-    per q block: as ``dSᵀ Q`` and ``Pᵀ dO`` the dots contract the major axis of the ``[bq, bk]`` tiles, and
-    XLA:CPU transposed both tiles at every step (at T = 8192, causal: 190 of 1245 ms, more than any dot).
+    dk and dv are accumulated transposed, ``dKᵀ += Qᵀ dS`` and ``dVᵀ += dOᵀ P`` with ``Qᵀ``, ``dOᵀ`` formed
+    once per q block: as ``dSᵀ Q`` and ``Pᵀ dO`` the dots contract the major axis of the ``[bq, bk]`` tiles,
+    and XLA:CPU transposed both tiles at every step (T = 8192, causal: 190 of 1245 ms, more than any dot).
     """
     hkv = k.shape[2]
     qb, kb, vb = _q_blocks(q, hkv, st.block_q), _kv_blocks(k, st.block_kv), _kv_blocks(v, st.block_kv)
@@ -203,20 +211,19 @@ def _flash_backward(st: _Static, q, k, v, lse_b, do, dlse, cls, qmeta, kmeta):
                     if masked:
                         s = jnp.where(_block_allowed(st, qm, km), s, -jnp.inf)
                     p = jnp.exp(s - lse_i[..., None])
-                    dp = jnp.einsum("bhgqd,bhkd->bhgqk", doi, vj, preferred_element_type=jnp.float32, precision=HIGHEST)
+                    dp = _mm("bhgqd,bhkd->bhgqk", doi, vj)
                     ds = p * (dp - delta_i[..., None])
                     if t is not None:
                         ds = ds * (1.0 - t * t)
                     ds_c = ds.astype(qi.dtype)
-                    dq = dq + st.scale * jnp.einsum("bhgqk,bhkd->bhgqd", ds_c, kj, preferred_element_type=jnp.float32, precision=HIGHEST)
-                    dk_t = st.scale * jnp.einsum("bhdgq,bhgqk->bhdk", qi_t, ds_c, preferred_element_type=jnp.float32, precision=HIGHEST)
-                    dv_t = jnp.einsum("bhdgq,bhgqk->bhdk", doi_t, p.astype(doi.dtype), preferred_element_type=jnp.float32, precision=HIGHEST)
+                    dq = dq + st.scale * _mm("bhgqk,bhkd->bhgqd", ds_c, kj)
+                    dk_t = st.scale * _mm("bhdgq,bhgqk->bhdk", qi_t, ds_c)
+                    dv_t = _mm("bhdgq,bhgqk->bhdk", doi_t, p.astype(doi.dtype))
                     return dq, (dk_t, dv_t)
                 return f
 
             def skip(dq):
-                zk = jnp.zeros(kj.shape[:2] + kj.shape[:1:-1], jnp.float32)
-                return dq, (zk, jnp.zeros(vj.shape[:2] + vj.shape[:1:-1], jnp.float32))
+                return dq, (_zeros_transposed(kj), _zeros_transposed(vj))
 
             return jax.lax.switch(c, [skip, compute(True), compute(False)], dq)
 
@@ -229,7 +236,7 @@ def _flash_backward(st: _Static, q, k, v, lse_b, do, dlse, cls, qmeta, kmeta):
         return (dk, dv), dq
 
     delta = dlse  # already rowsum(dO*O) - dlse, blocked like lse
-    init = tuple(jnp.zeros(x.shape[:3] + x.shape[:2:-1], jnp.float32) for x in (kb, vb))  # [nk, B, Hkv, D, bk]
+    init = (_zeros_transposed(kb), _zeros_transposed(vb))  # [nk, B, Hkv, D, bk]
     (dk_t, dv_t), dq = jax.lax.scan(q_block, init, (qb, dob, lse_safe, delta, qmeta, cls))
     return dq, jnp.swapaxes(dk_t, -1, -2), jnp.swapaxes(dv_t, -1, -2)
 
