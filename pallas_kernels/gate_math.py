@@ -32,10 +32,13 @@ def segmented_reverse_cumsum(x, resets):
         return jax.lax.cumsum(x, axis=2, reverse=True)
     cont = jnp.concatenate([~resets[:, 1:], jnp.zeros_like(resets[:, :1])], axis=1).astype(jnp.float32)
     cont = cont[:, None] if x.ndim == 3 else cont[:, None, :, None]
-    cont = jnp.broadcast_to(cont, x.shape)
+    return reverse_affine_scan(jnp.broadcast_to(cont, x.shape), x, axis=2)
 
+
+def reverse_affine_scan(m, x, axis: int):
+    """``y_t = x_t + m_t · y_{t+1}`` along ``axis`` (``y`` past the end is 0); m, x of one shape (fp32)."""
     def combine(a, b):  # affine maps y -> x + m·y; ``a`` sits later in time
         return a[0] * b[0], b[1] + b[0] * a[1]
 
-    _, y = jax.lax.associative_scan(combine, (cont, x), reverse=True, axis=2)
+    _, y = jax.lax.associative_scan(combine, (m, x), reverse=True, axis=axis)
     return y

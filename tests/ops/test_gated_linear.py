@@ -513,3 +513,35 @@ def test_gla_anchored_and_secondary_paths_agree(monkeypatch):
     roles = ("out", "out", "grad", "grad", "grad", "gate", "grad")
     for x, y, n, role in zip(jax.tree_util.tree_leaves(anchored), jax.tree_util.tree_leaves(secondary), names, roles):
         testing.assert_close(x, y, role=role, name=n)
+
+
+@pytest.mark.parametrize("gate", ["scalar", "channel"])
+@pytest.mark.parametrize("with_resets", [False, True])
+def test_chunk_reverse_cumsum_matches_a_token_loop(gate, with_resets):
+    """The gate gradient's segmented reverse cumsum in chunk layout (a masked matmul inside chunks, a carry
+    across them) against ``y_t = x_t + y_{t+1}`` token by token: segments that span several chunks, resets on
+    a chunk's first token and just after it, a length that does not divide the chunk."""
+    t, chunk, d = 150, 16, 3
+    rng = np.random.default_rng(7)
+    resets = np.zeros((B, t), bool)
+    if with_resets:
+        resets[0, [0, 16, 17, 40, 99, 100, 149]] = True  # 40 -> 99 spans chunks 2..6
+        resets[1, [5, 64]] = True  # 64 -> 149: five chunks in one segment
+    q = jnp.zeros((B, t, H, DK))
+    g = jnp.zeros((B, t, H) + ((DK,) if gate == "channel" else ()))
+    cfg = _gated_chunk.make_config(q, g, chunk, 1.0)
+    x = _gated_chunk._split(cfg, q, q, q, g, jnp.asarray(resets) if with_resets else None)
+    ok = _gated_chunk._factors(cfg, x).ok
+    n = x.q.shape[1]
+    vals = rng.normal(size=(B * H, n * chunk) + ((d,) if gate == "channel" else ())).astype(np.float32)
+    tail = rng.normal(size=(B * H,) + vals.shape[2:]).astype(np.float32)
+    got = _gated_chunk._chunk_reverse_cumsum(jnp.asarray(vals.reshape((B * H, n, chunk) + vals.shape[2:])),
+                                             x.seg, ok, jnp.asarray(tail))
+    starts = np.repeat(np.pad(resets, [(0, 0), (0, n * chunk - t)]), H, axis=0)
+    want = np.zeros_like(vals)
+    for z in range(B * H):
+        acc = tail[z].astype(np.float64)  # after the last token, in its segment
+        for i in reversed(range(n * chunk)):
+            acc = vals[z, i] + (0.0 if i + 1 < n * chunk and starts[z, i + 1] else acc)
+            want[z, i] = acc
+    np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, rtol=1e-5, atol=1e-4)
