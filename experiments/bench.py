@@ -10,15 +10,17 @@ Suite ``attention``: the attention family's implementations that run natively he
 Suite ``recurrent``: every recurrent family's chunked ``xla`` form against its token-loop ``reference``
 and against causal softmax attention (``xla``), forward and forward+backward.
 
-For every length and mode (forward, forward+backward) each implementation is compiled once, run
-``--repeats`` times after a warm-up, and reported as the median time, the ratio to the baseline
+For every length and mode (forward, forward+backward) each implementation is compiled once; then the
+group's candidates and the roofline matmuls are timed in turns (a warm-up call of each, then each once per
+repeat, ``--repeats`` rounds, so a drift in the machine's speed hits them alike), and each is reported as its
+median time, the ratio to the baseline
 (``jax.nn.dot_product_attention``, XLA), the compiled program's temporary memory
 (``memory_analysis().temp_size_in_bytes``) and the **roofline**: the useful FLOPs of the call (the family
 record's ``flops`` formula, docs/FAMILIES.md §7: only allowed pairs count; the backward is 2× the
 forward) per second, as a fraction of the platform's dense matmul throughput measured in the same run,
 interleaved with the candidates: an ``N³`` matmul (``--matmul-size``) in fp32 (``HIGHEST`` precision,
-as the ``xla`` forms use) and bf16 before every (length, mode) group; a row's fraction uses the
-measurement of its own group and dtype. Results go to JSON; ``--plot`` writes time and fraction of
+as the ``xla`` forms use) and bf16, timed in turns with every (length, mode) group; a row's fraction uses
+the measurement of its own group and dtype. Results go to JSON; ``--plot`` writes time and fraction of
 matmul against T.
 """
 
@@ -40,37 +42,58 @@ from seqmix import ops
 from seqmix.ops import masks as M
 
 
-def _timed(fn: Callable, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _round_robin(runs, repeats: int) -> list[float]:
+    """Median seconds of each ``(fn, args)`` in ``runs``, timed in turns: a warm-up call of each, then each
+    once per repeat. Drift in the machine's speed (up to 1.5× between runs on the 2-core CPU machines) then
+    hits every candidate alike, so the ratios between them hold when absolute times move."""
+    for fn, args in runs:
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = [[] for _ in runs]
+    for _ in range(repeats):
+        for i, (fn, args) in enumerate(runs):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
-def matmul_rates(size: int, repeats: int) -> dict[str, float]:
-    """FLOP/s of a dense ``size³`` matmul in fp32 (HIGHEST precision) and bf16 (default precision)."""
-    rates = {}
+def _timed(fn: Callable, args, repeats: int) -> float:
+    return _round_robin([(fn, args)], repeats)[0]
+
+
+def matmul_runs(size: int) -> dict[str, tuple[Callable, tuple]]:
+    """A compiled dense ``size³`` matmul and its operands per dtype: fp32 at HIGHEST precision (as the ``xla``
+    forms use) and bf16 at default precision."""
+    runs = {}
     for dtype, precision in ((jnp.float32, jax.lax.Precision.HIGHEST), (jnp.bfloat16, None)):
         a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
         b = jax.random.normal(jax.random.PRNGKey(1), (size, size), dtype)
         f = jax.jit(lambda a, b, p=precision: jnp.dot(a, b, precision=p)).lower(a, b).compile()
-        rates[jnp.dtype(dtype).name] = 2.0 * size ** 3 / _timed(f, (a, b), repeats)
-    return rates
+        runs[jnp.dtype(dtype).name] = (f, (a, b))
+    return runs
 
 
 class Roofline:
-    """The matmul measurements of one run, taken before every (length, mode) group of candidates."""
+    """The matmul measurements of one run: one per (length, mode) group, timed in turns with its candidates."""
 
     def __init__(self, size: int, repeats: int):
         self.size, self.repeats, self.samples, self.current = size, repeats, [], {}
+        self._matmuls = None
 
-    def measure(self) -> None:
-        self.current = matmul_rates(self.size, self.repeats)
+    def time_group(self, runs) -> list[float]:
+        """Median seconds of each ``(fn, args)``, timed round-robin with the matmuls, whose rates become the
+        group's roofline."""
+        if self._matmuls is None:
+            self._matmuls = matmul_runs(self.size)
+        secs = _round_robin(list(self._matmuls.values()) + list(runs), self.repeats)
+        self.current = {name: 2.0 * self.size ** 3 / s for name, s in zip(self._matmuls, secs)}
         self.samples.append(self.current)
         print("  matmul " + ", ".join(f"{k} {v / 1e9:7.1f} GFLOP/s" for k, v in self.current.items()), flush=True)
+        return secs[len(self._matmuls):]
+
+    def measure(self) -> None:
+        """The matmul rates alone (for a group whose candidates are timed separately)."""
+        self.time_group([])
 
     def annotate(self, row: dict, flops: float) -> dict:
         rate = self.current[row["dtype"]]
@@ -122,8 +145,7 @@ def attention_candidates(mask, block=None) -> dict[str, Callable]:
 BASELINE = "jax.nn.dot_product_attention"
 
 
-def bench_attention(lengths, batch, heads, kv_heads, head_dim, dtype, mask, repeats, max_reference_len, roofline,
-                    block=None):
+def bench_attention(lengths, batch, heads, kv_heads, head_dim, dtype, mask, max_reference_len, roofline, block=None):
     rows = []
     for t in lengths:
         kq, kk, kv = jax.random.split(jax.random.PRNGKey(t), 3)
@@ -132,13 +154,11 @@ def bench_attention(lengths, batch, heads, kv_heads, head_dim, dtype, mask, repe
         v = jax.random.normal(kv, (batch, t, kv_heads, head_dim), dtype)
         flops = ops.useful_flops("attention", q, k, v, mask=mask)
         for mode in ("fwd", "fwd+bwd"):
-            roofline.measure()
-            group = []
-            for name, f in attention_candidates(mask, block).items():
-                if name == "seqmix:reference" and t > max_reference_len:
-                    continue
-                row = _measure(f, (q, k, v), "attention", name, mode, t, dtype, repeats, roofline, flops)
-                group.append(row | dict(H_kv=kv_heads, mask=_mask_name(mask), block=block))
+            group = [_compile(f, (q, k, v), "attention", name, mode, t, dtype, flops)
+                     for name, f in attention_candidates(mask, block).items()
+                     if not (name == "seqmix:reference" and t > max_reference_len)]
+            group = [row | dict(H_kv=kv_heads, mask=_mask_name(mask), block=block)
+                     for row in _time_group(group, roofline)]
             base = next((r["seconds"] for r in group if r["impl"] == BASELINE), None)
             for row in group:
                 if base:
@@ -164,12 +184,12 @@ def recurrent_inputs(family: str, b: int, t: int, h: int, d: int, dtype):
 RECURRENT = tuple(n for n in sorted(ops.FAMILIES) if ops.FAMILIES[n].kind == "recurrent")
 
 
-def bench_recurrent(lengths, batch, heads, head_dim, dtype, repeats, max_reference_len, max_softmax_len,
-                    roofline, families=RECURRENT):
+def bench_recurrent(lengths, batch, heads, head_dim, dtype, max_reference_len, max_softmax_len, roofline,
+                    families=RECURRENT):
     rows = []
     for t in lengths:
         for mode in ("fwd", "fwd+bwd"):
-            roofline.measure()
+            group = []
             for family in families:
                 if family not in ops.FAMILIES:
                     continue
@@ -180,31 +200,40 @@ def bench_recurrent(lengths, batch, heads, head_dim, dtype, repeats, max_referen
                     if impl == "reference" and t > max_reference_len:
                         continue
                     f = lambda *a, impl=impl: op(*a, impl=impl, **kwargs)  # noqa: E731
-                    rows.append(_measure(f, args, family, f"seqmix:{impl}", mode, t, dtype, repeats, roofline, flops))
+                    group.append(_compile(f, args, family, f"seqmix:{impl}", mode, t, dtype, flops))
             if t <= max_softmax_len:
                 q, k, v = recurrent_inputs("linear_attention", batch, t, heads, head_dim, dtype)[0]
                 f = lambda q, k, v: ops.attention(q, k, v, mask=M.Causal(), impl="xla")  # noqa: E731
                 flops = ops.useful_flops("attention", q, k, v, mask=M.Causal())
-                rows.append(_measure(f, (q, k, v), "attention", "seqmix:xla", mode, t, dtype, repeats, roofline, flops))
+                group.append(_compile(f, (q, k, v), "attention", "seqmix:xla", mode, t, dtype, flops))
+            rows += _time_group(group, roofline)
     return rows
 
 
-def _measure(f, args, family, name, mode, t, dtype, repeats, roofline, forward_flops) -> dict:
-    """Compile ``f`` (or its gradient in every array argument), time it and annotate its roofline."""
+def _compile(f, args, family, name, mode, t, dtype, forward_flops):
+    """Compile ``f`` (or its gradient in every array argument): (its row without timings, (compiled, args),
+    its useful FLOPs)."""
     n = 3 if family == "attention" else len(args)
     g = f if mode == "fwd" else jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=tuple(range(n)))
     compiled = jax.jit(g).lower(*args).compile()
     mem = compiled.memory_analysis()
-    seconds = _timed(compiled, args, repeats)
     b, _, h, d = args[0].shape
     row = dict(family=family, impl=name, mode=mode, T=t, B=b, H=h, D=d, dtype=jnp.dtype(dtype).name,
-               seconds=seconds, temp_bytes=int(getattr(mem, "temp_size_in_bytes", -1)))
+               temp_bytes=int(getattr(mem, "temp_size_in_bytes", -1)))
     flops = ops.with_backward(forward_flops) if mode == "fwd+bwd" else forward_flops
-    roofline.annotate(row, flops)
-    print(f"  {family:18s} {name:30s} {mode:8s} T={t:6d} {seconds * 1e3:10.2f} ms  "
-          f"{row['useful_flops_per_s'] / 1e9:7.1f} GFLOP/s = {row['fraction_of_matmul']:5.1%} of matmul  "
-          f"temp {row['temp_bytes'] / 2**20:8.1f} MiB", flush=True)
-    return row
+    return row, (compiled, args), flops
+
+
+def _time_group(group, roofline) -> list[dict]:
+    """Time one (length, mode) group's compiled candidates in turns with the roofline matmuls; their rows."""
+    rows = []
+    for (row, _, flops), seconds in zip(group, roofline.time_group([run for _, run, _ in group])):
+        row = roofline.annotate(row | dict(seconds=seconds), flops)
+        print(f"  {row['family']:18s} {row['impl']:30s} {row['mode']:8s} T={row['T']:6d} {seconds * 1e3:10.2f} ms  "
+              f"{row['useful_flops_per_s'] / 1e9:7.1f} GFLOP/s = {row['fraction_of_matmul']:5.1%} of matmul  "
+              f"temp {row['temp_bytes'] / 2**20:8.1f} MiB", flush=True)
+        rows.append(row)
+    return rows
 
 
 def _series(rows):
@@ -304,11 +333,11 @@ def main(argv=None) -> int:
     roofline = Roofline(size, args.repeats)
     if args.suite == "attention":
         rows = bench_attention(args.lengths, args.batch, args.heads, args.kv_heads, args.head_dim,
-                               jnp.dtype(args.dtype), args.mask, args.repeats, args.max_reference_len, roofline,
+                               jnp.dtype(args.dtype), args.mask, args.max_reference_len, roofline,
                                args.block)
     else:
         rows = bench_recurrent(args.lengths, args.batch, args.heads, args.head_dim, jnp.dtype(args.dtype),
-                               args.repeats, args.max_reference_len, args.max_softmax_len, roofline,
+                               args.max_reference_len, args.max_softmax_len, roofline,
                                tuple(args.families))
     result = dict(jax=jax.__version__, backend=jax.default_backend(), device=jax.devices()[0].device_kind,
                   python=platform.python_version(), argv=sys.argv[1:] if argv is None else argv,

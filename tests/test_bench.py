@@ -35,7 +35,7 @@ def _run(bench, tmp_path, *argv):
 
 def _check_roofline(result):
     assert set(result["matmul"]) == {"size", "float32", "bfloat16"}
-    assert result["matmul"]["float32"]["n"] == 2  # measured before each (length, mode) group
+    assert result["matmul"]["float32"]["n"] == 2  # timed with each (length, mode) group
     for row in result["rows"]:
         assert row["useful_flops_per_s"] == pytest.approx(row["useful_flops"] / row["seconds"])
         assert row["fraction_of_matmul"] == pytest.approx(row["useful_flops_per_s"] / row["matmul_flops_per_s"])
@@ -63,6 +63,15 @@ def test_recurrent_suite(bench, tmp_path, capsys):
     assert {(r["family"], r["impl"]) for r in result["rows"]} == {
         ("simple_gla", "seqmix:xla"), ("simple_gla", "seqmix:reference"), ("attention", "seqmix:xla")}
     assert "%)" in capsys.readouterr().out  # the scaling table shows the fraction beside each time
+
+
+def test_candidates_are_timed_in_turns(bench):
+    """A group's candidates run round-robin (after one warm-up call each), so a drift in the machine's speed
+    hits them alike; each gets one time per repeat."""
+    calls = []
+    runs = [(lambda name=name: calls.append(name), ()) for name in "abc"]
+    assert len(bench._round_robin(runs, 3)) == 3
+    assert calls == list("abc") * 4
 
 
 def test_mask_argument(bench):
