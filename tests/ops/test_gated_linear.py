@@ -545,3 +545,26 @@ def test_chunk_reverse_cumsum_matches_a_token_loop(gate, with_resets):
             acc = vals[z, i] + (0.0 if i + 1 < n * chunk and starts[z, i + 1] else acc)
             want[z, i] = acc
     np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", MAIN)
+def test_groups_of_chunks_match_the_reference(variant, monkeypatch):
+    """Long inputs run the chunked form group by group, carrying the state forward and its gradient backward:
+    here 4 groups of 3 chunks of 16 (the last one mostly padding), segments that cross group boundaries and an
+    initial state; output, final state and VJP against the token-loop reference."""
+    t = 150
+    q, k, v, gate, h0 = make_inputs(variant, t)
+    seg = segments([40, 1, 70, 39], [100, 50])
+    cot = make_cotangents(variant, t)
+    monkeypatch.setattr(_gated_chunk, "GROUP_ROW_TOKENS", dict.fromkeys(("none", "scalar", "channel"), B * H * 48))
+    cfg = _gated_chunk.make_config(q, None, 16, 1.0)
+    assert (cfg.group, cfg.groups) == (48, 4)
+
+    def run(q, k, v, gate, h0, seg, cot):
+        f = lambda *a: call_op(variant, *a, seg, impl="xla", chunk=16)  # noqa: E731
+        out, pullback = jax.vjp(f, q, k, v, gate, h0)
+        return out, pullback(cot)
+
+    got = jax.jit(run)(q, k, v, gate, h0, seg, cot)  # a new trace: the patched group size takes effect
+    want = vjp_fn(variant, "reference", 16)(q, k, v, gate, h0, seg, cot)
+    compare_outputs_and_grads(got, want, testing.tolerance_kind(jnp.float32, "recurrent"))
