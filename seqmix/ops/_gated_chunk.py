@@ -38,6 +38,9 @@ only tokens with ``c = 0``; the chunk-end state collects only tokens with ``c = 
 incoming state only when the chunk has no reset. Lengths are zero-padded to a multiple of C (``k = v = 0``,
 ``g = 0``: padded tokens leave the final state unchanged).
 
+Groups: on CPU, inputs longer than about ``GROUP_ROW_TOKENS`` tokens × rows run everything here group by
+group, with the state carried between groups (:mod:`seqmix.ops._chunk_groups`).
+
 Backward: a ``jax.custom_vjp``. The residuals are the inputs and the final state only (no per-token state,
 no per-chunk state): the backward recomputes the chunk-start states with the same cheap state pass, runs the
 reverse state pass ``dS_[n-1] = Diag(exp(G_C)) dS_[n] + (Q ⊙ exp(G))ᵀ dO`` and the chunk backward of §2.6 in
@@ -76,9 +79,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import _target
 from pallas_kernels.gate_math import bounded_log_gate, reverse_affine_scan
-from seqmix.ops import _checks
+from seqmix.ops import _checks, _chunk_groups
 from seqmix.ops._recurrent import from_chunks, to_chunks
 
 Array = Any
@@ -92,9 +94,9 @@ SUB_CHUNK = 16  # secondary-chunk rows for per-channel gates (FAMILIES.md §2.6)
 ANCHOR_SPAN = 40.0
 # Wide chunks (span > ANCHOR_SPAN) recomputed per loop step by secondary chunking (_redo_wide_chunks).
 WIDE_BATCH = 256
-# Tokens × rows (batch · heads) per group of chunks, by gate kind: longer inputs run the chunked form one group
-# at a time in a loop that carries the state (``_grouped_forward``), so that a group's intermediates stay in
-# cache. Chosen by interleaved A/B on CPU (2 cores, 32 MiB L3; fwd+bwd, B·H = 4, D = 64, ms; no groups /
+# Tokens × rows (batch · heads) per group of chunks, by gate kind: on CPU longer inputs run the chunked form one
+# group at a time in a loop that carries the state (seqmix/ops/_chunk_groups.py), so that a group's
+# intermediates stay in cache. Chosen by interleaved A/B on CPU (2 cores, 32 MiB L3; fwd+bwd, B·H = 4, D = 64, ms; no groups /
 # 2048 / 4096): simple_gla T = 8k 90 / 69 / 67, 32k 499 / 287 / 281; gla (per-channel factors: about twice the
 # intermediates) 2k 31 / 22 / 32, 4k 61 / 40 / 50, 8k 120 / 92 / 98, 32k 650 / 403 / 406.
 GROUP_ROW_TOKENS = {"none": 4096, "scalar": 4096, "channel": 2048}
@@ -126,23 +128,11 @@ def effective_chunk(length: int, chunk_size: int) -> tuple[int, int]:
     return c, math.gcd(c, SUB_CHUNK)
 
 
-def chunk_groups(length: int, chunk: int, rows: int, gate: str) -> tuple[int, int]:
-    """(tokens per group, groups): on CPU about ``GROUP_ROW_TOKENS[gate] / rows`` tokens per group (at least
-    one chunk), balanced so that padding the last group costs less than one chunk per group. Other platforms
-    run one group (the ``xla`` form is their fallback; a sequential loop there is unmeasured)."""
-    n = -(-length // chunk)
-    if _target.platform() != "cpu":
-        return chunk * n, 1
-    per_group = max(1, GROUP_ROW_TOKENS[gate] // (rows * chunk))
-    groups = -(-n // per_group)
-    return chunk * -(-n // groups), groups
-
-
 def make_config(q, g, chunk_size: int, scale: float) -> ChunkConfig:
     b, t, h = q.shape[:3]
     c, sub = effective_chunk(t, chunk_size)
     gate = gate_kind(g)
-    group, groups = chunk_groups(t, c, b * h, gate)
+    group, groups = _chunk_groups.plan(t, c, b * h, GROUP_ROW_TOKENS[gate])
     return ChunkConfig(chunk=c, sub=sub, gate=gate, scale=float(scale), length=t, group=group, groups=groups)
 
 
@@ -582,66 +572,37 @@ def _backward(cfg: ChunkConfig, res, cts):
     return dq, dk, dv, dg, dh0, None
 
 
-def _in_groups(cfg: ChunkConfig, arrays):
-    """The per-group config and a function ``i -> arrays of group i`` (``[B, group, ...]``; None stays None),
-    the token axis zero-padded to ``groups · group`` (k = v = 0, g = 0, no reset: the state passes through)."""
-    pad = cfg.groups * cfg.group - cfg.length
-    padded = [None if a is None else jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) for a in arrays]
-
-    def take(i):
-        return [None if a is None else jax.lax.dynamic_slice_in_dim(a, i * cfg.group, cfg.group, axis=1)
-                for a in padded]
-
-    return dataclasses.replace(cfg, length=cfg.group, groups=1), take
-
-
-def _ungroup(x, length: int):
-    """``[groups, B, group, ...]`` -> ``[B, length, ...]``."""
-    return jnp.moveaxis(x, 0, 1).reshape((x.shape[1], -1) + x.shape[3:])[:, :length]
-
-
 def _grouped_forward(cfg: ChunkConfig, q, k, v, g, h0, resets):
-    """o, the final state and the states entering each group (fp32 ``[groups, B, H, Dk, Dv]``, None for one).
-
-    One group runs the chunked form on the whole input. More run it group by group, the final state of one
-    entering the next (exact: the chained form of FAMILIES.md §2.4): every intermediate of the chunked form is
-    a ``[T, D]``-sized tensor that XLA:CPU writes out and reads back, and within one group of about
-    ``GROUP_ROW_TOKENS`` tokens × rows they stay in cache (fwd+bwd at T = 32k, B·H = 4: gla 650 → 403 ms,
-    simple_gla 499 → 281 ms).
-    """
+    """o, the final state and what the backward needs beyond the inputs (None for one group):
+    :mod:`seqmix.ops._chunk_groups`."""
     if cfg.groups == 1:
         o, s_final = _forward(cfg, q, k, v, g, h0, resets)
         return o, s_final, None
-    sub, take = _in_groups(cfg, (q, k, v, g, resets))
+    sub = dataclasses.replace(cfg, length=cfg.group, groups=1)
     b, _, h, dk = q.shape
     s0 = jnp.zeros((b, h, dk, v.shape[-1]), F32) if h0 is None else h0.astype(F32)
 
-    def group(state, i):
-        qi, ki, vi, gi, ri = take(i)
-        o, s_end = _forward(sub, qi, ki, vi, gi, state, ri)
-        return s_end, (o, state)
+    def step(xs, state):
+        qi, ki, vi, gi, ri = xs
+        return _forward(sub, qi, ki, vi, gi, state, ri) + (None,)
 
-    s_final, (o, starts) = jax.lax.scan(group, s0, jnp.arange(cfg.groups))
-    return _ungroup(o, cfg.length), s_final, starts
+    return _chunk_groups.forward(step, (q, k, v, g, resets), s0, cfg.group, cfg.groups)
 
 
 def _grouped_backward(cfg: ChunkConfig, res, cts):
-    """The backward of :func:`_grouped_forward`: group by group in reverse, each group's final-state cotangent
-    the next group's initial-state gradient."""
-    q, k, v, g, h0, resets, s_final, starts = res
-    if starts is None:
+    q, k, v, g, h0, resets, s_final, saved = res
+    if saved is None:
         return _backward(cfg, (q, k, v, g, h0, resets, s_final), cts)
     do, dsf = cts
-    sub, take = _in_groups(cfg, (q, k, v, g, resets, do))
-    ends = jnp.concatenate([starts[1:], s_final[None]], axis=0)
+    sub = dataclasses.replace(cfg, length=cfg.group, groups=1)
 
-    def group(ds_end, i):
-        qi, ki, vi, gi, ri, doi = take(i)
-        dq, dk, dv, dg, ds_start, _ = _backward(sub, (qi, ki, vi, gi, starts[i], ri, ends[i]), (doi, ds_end))
-        return ds_start, (dq, dk, dv, dg)
+    def step(xs, doi, start, end, _, ds_end):
+        qi, ki, vi, gi, ri = xs
+        dq, dk, dv, dg, ds_start, _ = _backward(sub, (qi, ki, vi, gi, start, ri, end), (doi, ds_end))
+        return (dq, dk, dv, dg, None), ds_start
 
-    ds0, grads = jax.lax.scan(group, dsf.astype(F32), jnp.arange(cfg.groups), reverse=True)
-    dq, dk, dv, dg = (None if x is None else _ungroup(x, cfg.length) for x in grads)
+    (dq, dk, dv, dg, _), ds0 = _chunk_groups.backward(step, (q, k, v, g, resets), do, saved, dsf.astype(F32),
+                                                       cfg.group, cfg.groups)
     return dq, dk, dv, dg, None if h0 is None else ds0.astype(h0.dtype), None
 
 
@@ -652,8 +613,8 @@ def _chunked(cfg: ChunkConfig, q, k, v, g, h0, resets):
 
 
 def _chunked_fwd(cfg, q, k, v, g, h0, resets):
-    o, s_final, starts = _grouped_forward(cfg, q, k, v, g, h0, resets)
-    return (o, s_final), (q, k, v, g, h0, resets, s_final, starts)
+    o, s_final, saved = _grouped_forward(cfg, q, k, v, g, h0, resets)
+    return (o, s_final), (q, k, v, g, h0, resets, s_final, saved)
 
 
 _chunked.defvjp(_chunked_fwd, _grouped_backward)

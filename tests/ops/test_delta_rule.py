@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.scipy.linalg import solve_triangular
 
-from seqmix.ops import _delta_chunk, _registry
+from seqmix.ops import _chunk_groups, _delta_chunk, _registry
 from seqmix.ops.delta_rule import delta_rule, delta_rule_step
 from seqmix.ops.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
 from seqmix.testing import assert_close, assert_not_close, tolerance_kind
@@ -83,12 +83,13 @@ def cotangents(ins, seed=7):
             jnp.asarray(rng.standard_normal((b, h, dk, dv), np.float32)))
 
 
-def compare(fam, ins, chunk, seg=None, kind=None):
-    """Forward (o, final_state) and VJP of ``xla`` against ``reference``; returns the xla results."""
+def compare(fam, ins, chunk, seg=None, kind=None, fresh=False):
+    """Forward (o, final_state) and VJP of ``xla`` against ``reference``; returns the xla results.
+    ``fresh``: trace ``xla`` anew (a patched module setting takes effect)."""
     kind = kind or tolerance_kind(ins["q"].dtype, "recurrent")
     do, dsf = cotangents(ins)
     (o_r, s_r), g_r = _vjp_fn(fam, "reference", chunk)(ins, seg, do, dsf)
-    (o, s), gr = _vjp_fn(fam, "xla", chunk)(ins, seg, do, dsf)
+    (o, s), gr = (_vjp_fn.__wrapped__ if fresh else _vjp_fn)(fam, "xla", chunk)(ins, seg, do, dsf)
     assert o.dtype == ins["q"].dtype and s.dtype == jnp.float32
     assert_close(o, o_r, kind=kind, role="out", name="o")
     assert_close(s, s_r, kind=kind, role="out", name="final_state")
@@ -322,3 +323,15 @@ def test_bad_inputs_raise():
     for fn, match in cases:
         with pytest.raises(ValueError, match=__import__("re").escape(match)):
             fn()
+
+
+@pytest.mark.parametrize("fam", [DN, GDN])
+def test_groups_of_chunks_match_the_reference(fam, monkeypatch):
+    """Long inputs run the chunked form group by group, carrying the state forward and its gradient backward:
+    here 4 groups of 3 chunks of 8 (the last one partly padding), segments that cross group boundaries and an
+    initial state; output, final state and VJP against the token-loop reference."""
+    ins = make_inputs(3, t=85)
+    seg = seg_from_lengths([30, 1, 40, 14], [60, 25])
+    monkeypatch.setattr(_delta_chunk, "GROUP_ROW_TOKENS", 2 * 2 * 24)  # B·H = 4 rows: 24 tokens per group
+    assert _chunk_groups.plan(85, 8, 4, _delta_chunk.GROUP_ROW_TOKENS) == (24, 4)
+    compare(fam, ins, 8, seg, fresh=True)
