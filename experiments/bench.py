@@ -11,9 +11,9 @@ Suite ``recurrent``: every recurrent family's chunked ``xla`` form against its t
 and against causal softmax attention (``xla``), forward and forward+backward.
 
 For every length and mode (forward, forward+backward) each implementation is compiled once; then the
-group's candidates and the roofline matmuls are timed in turns (a warm-up call of each, then each once per
-repeat, ``--repeats`` rounds, so a drift in the machine's speed hits them alike), and each is reported as its
-median time, the ratio to the baseline
+group's candidates and the roofline matmuls are timed in turns (``--repeats`` rounds, each running every
+candidate twice, untimed then timed, so a drift in the machine's speed hits them alike and each is timed with
+warm caches), and each is reported as its median time, the ratio to the baseline
 (``jax.nn.dot_product_attention``, XLA), the compiled program's temporary memory
 (``memory_analysis().temp_size_in_bytes``) and the **roofline**: the useful FLOPs of the call (the family
 record's ``flops`` formula, docs/FAMILIES.md §7: only allowed pairs count; the backward is 2× the
@@ -43,14 +43,15 @@ from seqmix.ops import masks as M
 
 
 def _round_robin(runs, repeats: int) -> list[float]:
-    """Median seconds of each ``(fn, args)`` in ``runs``, timed in turns: a warm-up call of each, then each
-    once per repeat. Drift in the machine's speed (up to 1.5× between runs on the 2-core CPU machines) then
-    hits every candidate alike, so the ratios between them hold when absolute times move."""
-    for fn, args in runs:
-        jax.block_until_ready(fn(*args))
+    """Median seconds of each ``(fn, args)`` in ``runs``, timed in turns: every round runs each candidate
+    twice in a row, untimed then timed, ``repeats`` rounds. The turns make a drift in the machine's speed (up
+    to 1.5× between runs on the 2-core CPU machines) hit every candidate alike, so the ratios hold when
+    absolute times move; the untimed call refills the caches the other candidates evicted (a token-loop
+    reference's fwd+bwd holds up to 850 MiB), so each is timed warm, as when run alone."""
     times = [[] for _ in runs]
     for _ in range(repeats):
         for i, (fn, args) in enumerate(runs):
+            jax.block_until_ready(fn(*args))
             t0 = time.perf_counter()
             jax.block_until_ready(fn(*args))
             times[i].append(time.perf_counter() - t0)

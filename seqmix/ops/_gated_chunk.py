@@ -98,7 +98,8 @@ WIDE_BATCH = 256
 # group at a time in a loop that carries the state (seqmix/ops/_chunk_groups.py), so that a group's
 # intermediates stay in cache. Chosen by interleaved A/B on CPU (2 cores, 32 MiB L3; fwd+bwd, B·H = 4, D = 64, ms; no groups /
 # 2048 / 4096): simple_gla T = 8k 90 / 69 / 67, 32k 499 / 287 / 281; gla (per-channel factors: about twice the
-# intermediates) 2k 31 / 22 / 32, 4k 61 / 40 / 50, 8k 120 / 92 / 98, 32k 650 / 403 / 406.
+# intermediates) 8k 120 / 91 / 90, 32k 650 / 403 / 406, and in longer runs of 2048 / 4096 alone 1k 10 / 9
+# (one group), 2k 22 / 28-32, 4k 40-44 / 49 (docs/RESULTS.md).
 GROUP_ROW_TOKENS = {"none": 4096, "scalar": 4096, "channel": 2048}
 
 
