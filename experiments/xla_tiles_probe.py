@@ -74,7 +74,7 @@ def probe(mask_spec: str, t: int, candidates, repeats: int, b: int = 1, h: int =
             best[c][0] = min(best[c][0], _time(fwd, q, k, v))
             best[c][1] = min(best[c][1], _time(fb, q, k, v))
     useful = _registry.useful_flops("attention", q, k, v, mask=mask)
-    chosen = xla_tiles.choose(mask, t, t)
+    chosen = xla_tiles.choose(mask, t, t, b * h)
     rows = []
     for c in candidates:
         f, fb = best[c]
