@@ -114,3 +114,15 @@ def test_op_profile_at_toy_size(tmp_path):
     assert result["instruction_seconds"] == pytest.approx(sum(result["by_kind"].values()))
     assert all(o["opcode"] not in ("while", "conditional", "call") for o in result["top"])
     assert "| matmul |" in proc.stdout
+
+
+def test_tile_probe_at_toy_size(tmp_path):
+    """experiments/xla_tiles_probe.py: every candidate timed forward and fwd+bwd, the policy's own choice
+    marked (at most one), JSON written."""
+    spec = importlib.util.spec_from_file_location("xla_tiles_probe", ROOT / "experiments" / "xla_tiles_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.probe("window:16", 64, [(16, 16), (32, 16)], 1, h=2, d=8)
+    assert [(r["block_q"], r["block_kv"]) for r in rows] == [(16, 16), (32, 16)]
+    assert sum(r["chosen"] for r in rows) <= 1
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and 0 < r["band_fill"] <= 1 for r in rows)
