@@ -103,9 +103,13 @@ def recurrent_layers(mesh, args):
         kwargs = {**inputs.arrays, **inputs.options}
         # summary bytes from the record's own summary (FAMILIES.md §4.9): S_ext plus the transition
         call = fam.prepare(*inputs.args, **kwargs)
-        summ = jax.eval_shape(lambda c=call, fam=fam: fam.sp_summary(c, lambda cc: fam.run("xla", cc)))
-        state = summ.s_ext.size * 4
-        trans = summ.transition.size * 4
+        def summary_arrays(c=call, fam=fam):  # a Summary is not a pytree: return its arrays
+            s = fam.sp_summary(c, lambda cc: fam.run("xla", cc))
+            return s.transition, s.s_ext
+
+        transition, s_ext = jax.eval_shape(summary_arrays)
+        state = s_ext.size * 4
+        trans = transition.size * 4
         for strategy in ("lasp2", "lasp1"):
             fn = sp.RECURRENT_STRATEGIES[strategy]
 

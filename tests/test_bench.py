@@ -126,3 +126,18 @@ def test_tile_probe_at_toy_size(tmp_path):
     assert [(r["block_q"], r["block_kv"]) for r in rows] == [(16, 16), (32, 16)]
     assert sum(r["chosen"] for r in rows) <= 1
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and 0 < r["band_fill"] <= 1 for r in rows)
+
+
+def test_parallel_bench_at_toy_size(tmp_path):
+    """experiments/bench_parallel.py (a subprocess: it forces the host device count before JAX starts): the
+    recurrent strategies' measured collective bytes next to the formula, JSON written."""
+    out = tmp_path / "parallel.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_parallel.py"), "--devices", "2",
+                           "--seq", "64", "--suite", "recurrent", "--families", "simple_gla", "--heads", "2",
+                           "--kv-heads", "2", "--head-dim", "16", "--repeats", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["strategy"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"lasp2:simple_gla", "lasp1:simple_gla"}
+    assert rows["lasp1:simple_gla"]["fwd_bytes"] == rows["lasp1:simple_gla"]["formula_fwd_bytes"] > 0
+    assert rows["lasp2:simple_gla"]["fwd_collectives"] == {"all-gather": 1}
