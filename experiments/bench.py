@@ -324,7 +324,10 @@ def main(argv=None) -> int:
     if args.parallel:
         import runpy
 
-        sys.argv = [str(Path(__file__).with_name("bench_parallel.py"))] + rest
+        # every argument but --parallel goes to bench_parallel.py (options both scripts share, --out among
+        # them, would otherwise stay with this parser)
+        forwarded = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--parallel"]
+        sys.argv = [str(Path(__file__).with_name("bench_parallel.py"))] + forwarded
         runpy.run_path(sys.argv[0], run_name="__main__")
         return 0
     if rest:

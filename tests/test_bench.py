@@ -129,10 +129,11 @@ def test_tile_probe_at_toy_size(tmp_path):
 
 
 def test_parallel_bench_at_toy_size(tmp_path):
-    """experiments/bench_parallel.py (a subprocess: it forces the host device count before JAX starts): the
-    recurrent strategies' measured collective bytes next to the formula, JSON written."""
+    """experiments/bench_parallel.py through ``bench.py --parallel`` (a subprocess: it forces the host device
+    count before JAX starts), every other argument passed on: the recurrent strategies' measured collective
+    bytes next to the formula, JSON written where --out says."""
     out = tmp_path / "parallel.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_parallel.py"), "--devices", "2",
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), "--parallel", "--devices", "2",
                            "--seq", "64", "--suite", "recurrent", "--families", "simple_gla", "--heads", "2",
                            "--kv-heads", "2", "--head-dim", "16", "--repeats", "1", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
