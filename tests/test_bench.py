@@ -25,6 +25,12 @@ def bench():
     return mod
 
 
+def _run_script(script: str, *argv: str) -> subprocess.CompletedProcess:
+    """An experiments/ script in a subprocess on CPU (for scripts that set XLA flags before JAX starts)."""
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / script), *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
 def _run(bench, tmp_path, *argv):
     out = tmp_path / "out.json"
     assert bench.main([*argv, "--repeats", "1", "--matmul-size", "64", "--out", str(out),
@@ -104,9 +110,8 @@ def test_op_profile_at_toy_size(tmp_path):
     """experiments/op_profile.py (a subprocess: it sets XLA's trace flag before JAX starts): the per-instruction
     times of one compiled call, matmuls recognized, control flow kept out of the sum, JSON written."""
     out = tmp_path / "profile.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "op_profile.py"), "--family", "simple_gla",
-                           "--seq", "128", "--heads", "2", "--head-dim", "16", "--repeats", "2", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = _run_script("op_profile.py", "--family", "simple_gla", "--seq", "128", "--heads", "2", "--head-dim", "16",
+                       "--repeats", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["family"] == "simple_gla" and result["mode"] == "fwd+bwd" and result["wall_seconds"] > 0
@@ -133,10 +138,9 @@ def test_parallel_bench_at_toy_size(tmp_path):
     count before JAX starts), every other argument passed on: the recurrent strategies' measured collective
     bytes next to the formula, JSON written where --out says."""
     out = tmp_path / "parallel.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), "--parallel", "--devices", "2",
-                           "--seq", "64", "--suite", "recurrent", "--families", "simple_gla", "--heads", "2",
-                           "--kv-heads", "2", "--head-dim", "16", "--repeats", "1", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = _run_script("bench.py", "--parallel", "--devices", "2", "--seq", "64", "--suite", "recurrent",
+                       "--families", "simple_gla", "--heads", "2", "--kv-heads", "2", "--head-dim", "16", "--repeats",
+                       "1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["strategy"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"lasp2:simple_gla", "lasp1:simple_gla"}

@@ -41,7 +41,7 @@ import numpy as np
 
 from pallas_kernels.gate_math import bounded_log_gate
 from seqmix.ops import _checks, _chunk_groups
-from seqmix.ops._recurrent import from_chunks, to_chunks
+from seqmix.ops._recurrent import by_head, from_chunks, resets_to_chunks, rows, to_chunks
 
 Array = Any
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -134,27 +134,8 @@ def describe(call) -> str:
 
 
 def _chunk(x, c, n):
-    """``[B, T, H, ...]`` -> ``[Z = B·H, N, C, ...]`` fp32, zero padded to N·C tokens.
-
-    Batch and heads share one axis: XLA:CPU (jax 0.10.2) runs a reduction over fused elementwise work many
-    times slower when an operand has a size-1 axis, and B = 1 is the common case (this form's ``Σ_j``
-    reductions on ``[1, H, N, C, C]`` took 55 of 285 ms of instruction time at T = 8192, H = 4)."""
-    return _rows(to_chunks(jnp.asarray(x, F32), c, n))
-
-
-def _rows(x):
-    """``[B, H, ...]`` -> ``[B·H, ...]``."""
-    return x.reshape((-1,) + x.shape[2:])
-
-
-def _by_head(x, h: int):
-    """``[B·H, ...]`` -> ``[B, H, ...]``."""
-    return x.reshape((-1, h) + x.shape[1:])
-
-
-def _unchunk(x, t: int, h: int):
-    """``[Z, N, C, ...]`` -> ``[B, T, H, ...]`` (padding dropped)."""
-    return from_chunks(_by_head(x, h), t)
+    """``[B, T, H, ...]`` -> ``[Z = B·H, N, C, ...]`` fp32, zero padded to N·C tokens (:func:`to_chunks`)."""
+    return to_chunks(jnp.asarray(x, F32), c, n)
 
 
 class _Gates(NamedTuple):
@@ -204,7 +185,7 @@ def _setup(c, n, k, v, g, beta, resets) -> _Chunks:
     K, V = _chunk(k, c, n), _chunk(v, c, n)
     bt = _chunk(beta, c, n)
     gg = _chunk(jnp.asarray(g, F32), c, n)
-    rst = _chunk(jnp.repeat(resets[:, :, None], k.shape[2], axis=2), c, n) > 0  # [Z,N,C], shared by a row's heads
+    rst = resets_to_chunks(resets, k.shape[2], c, n) > 0  # [Z,N,C]
     gt = _gates(gg, rst)
     KK = _mm("...id,...jd->...ij", K, K)
     A = jnp.where(gt.strict, bt[..., :, None] * KK * gt.gam, 0.0)
@@ -278,12 +259,12 @@ def _core_fwd(st, q, k, v, g, beta, s0, resets):
     t, h = q.shape[1], q.shape[2]
     c, n = _sizes(st.chunk, t)
     z = _setup(c, n, k, v, g, beta, resets)
-    starts, s_final = _state_pass(z, _rows(s0))
+    starts, s_final = _state_pass(z, rows(s0))
     Q = _chunk(q, c, n) * st.scale
     vn = z.U - _mm("zncd,zndv->zncv", z.W, starts)
     P = _mm("...id,...jd->...ij", Q, z.K) * z.gt.gam
     O = _mm("zncd,zndv->zncv", Q * z.gt.eg[..., None], starts) + _mm("...ij,...jv->...iv", P, vn)
-    return (_unchunk(O, t, h), _by_head(s_final, h)), (q, k, v, g, beta, s0, resets, starts)
+    return (from_chunks(O, t, h), by_head(s_final, h)), (q, k, v, g, beta, s0, resets, starts)
 
 
 def _core_bwd(st, res, cts):
@@ -310,7 +291,7 @@ def _core_bwd(st, res, cts):
         return yn + a[..., None, None] * ds - _mm("zcd,zcv->zdv", w, dvn), ds
 
     xs = tuple(jnp.moveaxis(x, 1, 0) for x in (X, Y, z.Kd, z.W, gt.gc))
-    ds0, dends = jax.lax.scan(body, _rows(jnp.asarray(ds_final, F32)), xs, reverse=True)
+    ds0, dends = jax.lax.scan(body, rows(jnp.asarray(ds_final, F32)), xs, reverse=True)
     dends = jnp.moveaxis(dends, 0, 1)  # [Z,N,Dk,Dv]
 
     dvn = X + _mm("zncd,zndv->zncv", z.Kd, dends)
@@ -342,14 +323,14 @@ def _core_bwd(st, res, cts):
     dG = jnp.sum(dlog, axis=-1) - jnp.sum(dlog, axis=-2) + deg * gt.eg - dden
     dG = dG.at[..., -1].add(jnp.sum(dden, axis=-1) + dgc * gt.gc)
     dgc_ = jnp.sum(jnp.where(gt.lseg, dG[..., :, None], 0.0), axis=-2)  # dg_j = Σ_{i>=j, same seg} dG_i
-    dg = _unchunk(dgc_, t, h)
+    dg = from_chunks(dgc_, t, h)
 
-    dq = (_unchunk(dQ, t, h) * st.scale).astype(q.dtype)
-    dk = _unchunk(dK, t, h).astype(k.dtype)
-    dv = _unchunk(dV, t, h).astype(v.dtype)
+    dq = (from_chunks(dQ, t, h) * st.scale).astype(q.dtype)
+    dk = from_chunks(dK, t, h).astype(k.dtype)
+    dv = from_chunks(dV, t, h).astype(v.dtype)
     dresets = np.zeros(resets.shape, jax.dtypes.float0)
-    return (dq, dk, dv, dg.astype(g.dtype), _unchunk(dbeta, t, h).astype(beta.dtype),
-            _by_head(ds0, h).astype(s0.dtype), dresets)
+    return (dq, dk, dv, dg.astype(g.dtype), from_chunks(dbeta, t, h).astype(beta.dtype),
+            by_head(ds0, h).astype(s0.dtype), dresets)
 
 
 _delta_core.defvjp(_grouped_fwd, _grouped_bwd)
@@ -419,8 +400,8 @@ def kernel_operands(q, k, v, beta, g=None, resets=None, *, scale: float, chunk: 
     Q = _chunk(q, chunk, n) * scale
     P = _mm("...id,...jd->...ij", Q, z.K) * z.gt.gam
     h = k.shape[2]
-    flat = lambda x: _by_head(x.reshape((x.shape[0], -1) + x.shape[3:]), h)  # noqa: E731 - [Z,N,C,·] -> [B,H,Tp,·]
-    gc = _by_head(z.gt.gc, h)
+    flat = lambda x: by_head(x.reshape((x.shape[0], -1) + x.shape[3:]), h)  # noqa: E731 - [Z,N,C,·] -> [B,H,Tp,·]
+    gc = by_head(z.gt.gc, h)
     a = jnp.broadcast_to(gc[..., None], gc.shape + (k.shape[-1],))
     return KernelOperands(flat(Q * z.gt.eg[..., None]), flat(P), flat(z.Kd), flat(z.U), flat(z.W), a)
 
@@ -452,10 +433,10 @@ def chunk_summary(k, v, beta, g=None, *, resets=None, segment_ids=None, chunk_si
         mc, sc = x
         return (_mm("zde,zef->zdf", mc, m), _mm("zde,zev->zdv", mc, s) + sc), None
 
-    rows, h = m_c.shape[0], k.shape[2]
-    init = (jnp.broadcast_to(jnp.eye(dk, dtype=F32), (rows, dk, dk)), jnp.zeros((rows, dk, v.shape[-1]), F32))
+    n_rows, h = m_c.shape[0], k.shape[2]
+    init = (jnp.broadcast_to(jnp.eye(dk, dtype=F32), (n_rows, dk, dk)), jnp.zeros((n_rows, dk, v.shape[-1]), F32))
     (m, s), _ = jax.lax.scan(body, init, (jnp.moveaxis(m_c, 1, 0), jnp.moveaxis(s_c, 1, 0)))
-    return _by_head(m, h), _by_head(s, h)
+    return by_head(m, h), by_head(s, h)
 
 
 def summary(call, run=None):

@@ -81,7 +81,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.gate_math import bounded_log_gate, reverse_affine_scan
 from seqmix.ops import _checks, _chunk_groups
-from seqmix.ops._recurrent import from_chunks, to_chunks
+from seqmix.ops._recurrent import by_head, from_chunks, resets_to_chunks, rows, to_chunks
 
 Array = Any
 F32 = jnp.float32
@@ -94,12 +94,12 @@ SUB_CHUNK = 16  # secondary-chunk rows for per-channel gates (FAMILIES.md §2.6)
 ANCHOR_SPAN = 40.0
 # Wide chunks (span > ANCHOR_SPAN) recomputed per loop step by secondary chunking (_redo_wide_chunks).
 WIDE_BATCH = 256
-# Tokens × rows (batch · heads) per group of chunks, by gate kind: on CPU longer inputs run the chunked form one
-# group at a time in a loop that carries the state (seqmix/ops/_chunk_groups.py), so that a group's
-# intermediates stay in cache. Chosen by interleaved A/B on CPU (2 cores, 32 MiB L3; fwd+bwd, B·H = 4, D = 64, ms; no groups /
-# 2048 / 4096): simple_gla T = 8k 90 / 69 / 67, 32k 499 / 287 / 281; gla (per-channel factors: about twice the
-# intermediates) 8k 120 / 91 / 90, 32k 650 / 403 / 406, and in longer runs of 2048 / 4096 alone 1k 10 / 9
-# (one group), 2k 22 / 28-32, 4k 40-44 / 49 (docs/RESULTS.md).
+# Tokens × rows (batch · heads) per group of chunks, by gate kind: on CPU longer inputs run the chunked form
+# one group at a time in a loop that carries the state (seqmix/ops/_chunk_groups.py), so that a group's
+# intermediates stay in cache. Chosen by interleaved A/B on CPU (2 cores, 32 MiB L3; fwd+bwd, B·H = 4,
+# D = 64, ms; no groups / 2048 / 4096): simple_gla T = 8k 90 / 69 / 67, 32k 499 / 287 / 281; gla (per-channel
+# factors: about twice the intermediates) 8k 120 / 91 / 90, 32k 650 / 403 / 406, and in longer runs of
+# 2048 / 4096 alone 1k 10 / 9 (one group), 2k 22 / 28-32, 4k 40-44 / 49 (docs/RESULTS.md).
 GROUP_ROW_TOKENS = {"none": 4096, "scalar": 4096, "channel": 2048}
 
 
@@ -148,36 +148,6 @@ def describe(call) -> str:
 # ----------------------------------------------------------------------------- layout helpers
 
 
-def _chunks(x, c: int, n: int):
-    """``[B, T, H, ...]`` -> ``[Z = B·H, N, C, ...]``, zero-padded to ``N·C`` tokens.
-
-    Batch and heads share one axis because XLA:CPU runs reductions over fused elementwise work up to ~30×
-    slower when an operand has a size-1 axis (B = 1 is the common case; measured with jax 0.10.2, gone in
-    jax 0.12's XLA, see docs/RESULTS.md), and the chunked algorithm treats every (batch, head) row alike."""
-    x = to_chunks(x, c, n)
-    return x.reshape((-1,) + x.shape[2:])
-
-
-def _unchunk(x, t: int, heads: int):
-    """``[Z, N, C, ...]`` -> ``[B, T, H, ...]`` (padding dropped)."""
-    return from_chunks(x.reshape((-1, heads) + x.shape[1:]), t)
-
-
-def _by_row(x):
-    """``[B, H, ...]`` -> ``[Z, ...]`` (states and their cotangents)."""
-    return x.reshape((-1,) + x.shape[2:])
-
-
-def _by_head(x, heads: int):
-    """``[Z, ...]`` -> ``[B, H, ...]``."""
-    return x.reshape((-1, heads) + x.shape[1:])
-
-
-def _rows_of_resets(resets, heads: int):
-    """Per-batch ``[B, ...]`` -> per-row ``[Z, ...]`` (every head of a batch row shares its resets)."""
-    return jnp.repeat(resets, heads, axis=0)
-
-
 def _dot(spec: str, a, b):
     return jnp.einsum(spec, a, b, preferred_element_type=F32)
 
@@ -191,7 +161,7 @@ def _exp_masked(x, ok):
     return jnp.exp(jnp.where(ok, x, -jnp.inf))
 
 
-def _rows(x, w, dtype):
+def _weighted(x, w, dtype):
     """``x ⊙ w`` (w per row ``[..., C]`` or per channel ``[..., C, D]``) in fp32, cast to ``dtype``."""
     if w is None:
         return x.astype(dtype)
@@ -220,9 +190,9 @@ def _masked_sum(x, mask, transpose: bool):
     ``[Z, N, C(, D)]``, mask bool ``[C, C]`` or ``[Z, N, C, C]``. The chunks' (segmented) cumsums: XLA:CPU runs
     a cumsum as a reduce-window with transposing copies around it, slower than this matmul (gla fwd+bwd
     T = 8k: −9%)."""
-    rows = "znj" + ("d" if x.ndim == 4 else "")
+    xs = "znj" + ("d" if x.ndim == 4 else "")
     ij = ("zn" if mask.ndim == 4 else "") + ("ji" if transpose else "ij")
-    return jnp.einsum(f"{rows},{ij}->{rows.replace('j', 'i')}", x, mask.astype(F32),
+    return jnp.einsum(f"{xs},{ij}->{xs.replace('j', 'i')}", x, mask.astype(F32),
                       precision=jax.lax.Precision.HIGHEST)
 
 
@@ -230,14 +200,14 @@ def _split(cfg: ChunkConfig, q, k, v, g, resets) -> _Chunked:
     c = cfg.chunk
     n = -(-cfg.length // c)
     cdt = q.dtype
-    qc, kc, vc = _chunks(q, c, n), _chunks(k, c, n), _chunks(v, c, n).astype(cdt)
+    qc, kc, vc = to_chunks(q, c, n), to_chunks(k, c, n), to_chunks(v, c, n).astype(cdt)
     big_g = None
     if g is not None:
         causal = jnp.arange(c)[:, None] >= jnp.arange(c)[None, :]
-        big_g = _masked_sum(_chunks(g.astype(F32), c, n), causal, transpose=False)
+        big_g = _masked_sum(to_chunks(g.astype(F32), c, n), causal, transpose=False)
     seg = None
     if resets is not None:
-        r = _chunks(_rows_of_resets(resets.astype(jnp.int32), q.shape[2])[:, :, None], c, n)  # [Z, N, C]
+        r = resets_to_chunks(resets, q.shape[2], c, n)  # [Z, N, C]
         seg = jnp.cumsum(r, axis=-1)
     return _Chunked(qc, kc, vc, big_g, seg)
 
@@ -389,7 +359,7 @@ def _anchored(x: _Chunked, dp):
     """The anchored one-matmul path on every chunk (exact where :func:`_wide_chunks` is False)."""
     cdt = x.q.dtype
     eq, ek = _anchored_factors(x.G)
-    qa, ka = _rows(x.q, eq, cdt), _rows(x.k, ek, cdt)
+    qa, ka = _weighted(x.q, eq, cdt), _weighted(x.k, ek, cdt)
     p = _dot("znid,znjd->znij", qa, ka)
     if dp is None:
         return p
@@ -438,11 +408,11 @@ def _redo_wide_chunks(cfg: ChunkConfig, x: _Chunked, dp, out):
     by_chunk = lambda a: a.reshape((m,) + a.shape[2:])  # noqa: E731 - [Z, N, ...] -> [Z·N, ...]
 
     def step(i, acc):
-        rows = jax.lax.dynamic_slice_in_dim(rows_all, i * batch, batch)
-        take = [by_chunk(a.reshape(o.shape)).at[rows].get(mode="fill", fill_value=0)[None]
+        picked = jax.lax.dynamic_slice_in_dim(rows_all, i * batch, batch)
+        take = [by_chunk(a.reshape(o.shape)).at[picked].get(mode="fill", fill_value=0)[None]
                 for a, o in zip(flat_ins, ins)]
         res = _secondary(cfg, x._replace(q=take[0], k=take[1], G=take[2]), take[3] if dp is not None else None)
-        return [by_chunk(a.reshape(o.shape)).at[rows].set(r[0], mode="drop").reshape(-1)
+        return [by_chunk(a.reshape(o.shape)).at[picked].set(r[0], mode="drop").reshape(-1)
                 for a, o, r in zip(acc, leaves, jax.tree_util.tree_leaves(res))]
 
     flat_ins = [a.reshape(-1) for a in ins]
@@ -479,13 +449,13 @@ def _forward(cfg: ChunkConfig, q, k, v, g, h0, resets):
     x = _split(cfg, q, k, v, g, resets)
     f = _factors(cfg, x)
     cdt = x.q.dtype
-    s_ext = _dot("zncd,znce->znde", _rows(x.k, f.wk, cdt), x.v)
-    s_start, s_final = _state_pass(cfg, s_ext, f.a, None if h0 is None else _by_row(h0))
-    o = _dot("zncd,znde->znce", _rows(x.q, f.wq, cdt), s_start.astype(cdt))
+    s_ext = _dot("zncd,znce->znde", _weighted(x.k, f.wk, cdt), x.v)
+    s_start, s_final = _state_pass(cfg, s_ext, f.a, None if h0 is None else rows(h0))
+    o = _dot("zncd,znde->znce", _weighted(x.q, f.wq, cdt), s_start.astype(cdt))
     p = _scores(cfg, x, f)
     o = o + _dot("znij,znje->znie", p.astype(cdt), x.v)
     heads = q.shape[2]
-    return _unchunk(o, cfg.length, heads) * cfg.scale, _by_head(s_final, heads)
+    return from_chunks(o, cfg.length, heads) * cfg.scale, by_head(s_final, heads)
 
 
 def _chunk_reverse_cumsum(x, seg, ok, tail):
@@ -522,14 +492,14 @@ def _backward(cfg: ChunkConfig, res, cts):
     f = _factors(cfg, x)
     cdt = x.q.dtype
     n, heads = x.q.shape[1], q.shape[2]
-    h0_rows = None if h0 is None else _by_row(h0)
-    dsf_rows = _by_row(dsf.astype(F32))
-    kw = _rows(x.k, f.wk, cdt)
-    qw = _rows(x.q, f.wq, cdt)
+    h0_rows = None if h0 is None else rows(h0)
+    dsf_rows = rows(dsf.astype(F32))
+    kw = _weighted(x.k, f.wk, cdt)
+    qw = _weighted(x.q, f.wq, cdt)
     s_ext = _dot("zncd,znce->znde", kw, x.v)
     s_start, _ = _state_pass(cfg, s_ext, f.a, h0_rows)
     # the scale is folded into dO: every q-linear path sees scale·do
-    d_o = _chunks(do.astype(F32) * cfg.scale, cfg.chunk, n).astype(cdt)
+    d_o = to_chunks(do.astype(F32) * cfg.scale, cfg.chunk, n).astype(cdt)
     ds_q = _dot("zncd,znce->znde", qw, d_o)
     ds_end, ds0 = _state_pass(cfg, ds_q, f.a, dsf_rows, reverse=True)
     # inter-chunk (state) terms
@@ -559,18 +529,23 @@ def _backward(cfg: ChunkConfig, res, cts):
     dg = None
     if g is not None:
         dlogb = qf32 * dq - kf32 * dk  # [Z, N, C, Dk]
-        final_term = jnp.sum(_by_row(s_final) * dsf_rows, axis=-1)  # [Z, Dk]
+        final_term = jnp.sum(rows(s_final) * dsf_rows, axis=-1)  # [Z, Dk]
         if cfg.gate == "scalar":
             dlogb, final_term = jnp.sum(dlogb, axis=-1), jnp.sum(final_term, axis=-1)
         dg = _chunk_reverse_cumsum(dlogb, x.seg, f.ok, final_term)  # the final state sits after the padded end
-        dg = _unchunk(dg, cfg.length, heads).astype(g.dtype)
+        dg = from_chunks(dg, cfg.length, heads).astype(g.dtype)
     dq = dq + dp_diag * kf32
     dk = dk + dp_diag * qf32
-    dq = _unchunk(dq, cfg.length, heads).astype(q.dtype)
-    dk = _unchunk(dk, cfg.length, heads).astype(k.dtype)
-    dv = _unchunk(dv, cfg.length, heads).astype(v.dtype)
-    dh0 = None if h0 is None else _by_head(ds0, heads).astype(h0.dtype)
+    dq = from_chunks(dq, cfg.length, heads).astype(q.dtype)
+    dk = from_chunks(dk, cfg.length, heads).astype(k.dtype)
+    dv = from_chunks(dv, cfg.length, heads).astype(v.dtype)
+    dh0 = None if h0 is None else by_head(ds0, heads).astype(h0.dtype)
     return dq, dk, dv, dg, dh0, None
+
+
+def _one_group(cfg: ChunkConfig) -> ChunkConfig:
+    """The config of one group of ``cfg``'s loop (a call of ``cfg.group`` tokens)."""
+    return dataclasses.replace(cfg, length=cfg.group, groups=1)
 
 
 def _grouped_forward(cfg: ChunkConfig, q, k, v, g, h0, resets):
@@ -579,7 +554,7 @@ def _grouped_forward(cfg: ChunkConfig, q, k, v, g, h0, resets):
     if cfg.groups == 1:
         o, s_final = _forward(cfg, q, k, v, g, h0, resets)
         return o, s_final, None
-    sub = dataclasses.replace(cfg, length=cfg.group, groups=1)
+    sub = _one_group(cfg)
     b, _, h, dk = q.shape
     s0 = jnp.zeros((b, h, dk, v.shape[-1]), F32) if h0 is None else h0.astype(F32)
 
@@ -595,7 +570,7 @@ def _grouped_backward(cfg: ChunkConfig, res, cts):
     if saved is None:
         return _backward(cfg, (q, k, v, g, h0, resets, s_final), cts)
     do, dsf = cts
-    sub = dataclasses.replace(cfg, length=cfg.group, groups=1)
+    sub = _one_group(cfg)
 
     def step(xs, doi, start, end, _, ds_end):
         qi, ki, vi, gi, ri = xs

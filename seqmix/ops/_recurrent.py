@@ -62,19 +62,40 @@ class RecurrentCall:
 
 
 def to_chunks(x, c: int, n: int):
-    """``[B, T, H, ...]`` -> ``[B, H, N, C, ...]``, zero-padded to ``N·C`` tokens (the chunked forms' layout)."""
+    """``[B, T, H, ...]`` -> ``[Z = B·H, N, C, ...]``, zero-padded to ``N·C`` tokens (the chunked forms' layout).
+
+    Batch and heads share one axis: XLA:CPU (jax 0.10.2) runs a reduction over fused elementwise work many
+    times slower when an operand has a size-1 axis, and B = 1 is the common case (gla's secondary-chunking
+    diagonal 677 → 75 ms at T = 8192; the delta rule's ``Σ_j`` reductions 55 → a few ms of instruction time;
+    gone in jax 0.12's XLA, docs/RESULTS.md)."""
     b, t, h = x.shape[:3]
     if n * c != t:
         x = jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2))
     x = x.reshape((b, n, c, h) + x.shape[3:])
-    return jnp.moveaxis(x, 3, 1)
+    return rows(jnp.moveaxis(x, 3, 1))
 
 
-def from_chunks(x, t: int):
-    """``[B, H, N, C, ...]`` -> ``[B, T, H, ...]`` (padding dropped)."""
+def from_chunks(x, t: int, heads: int):
+    """``[Z = B·H, N, C, ...]`` -> ``[B, T, H, ...]`` (padding dropped)."""
+    x = by_head(x, heads)
     b, h, n, c = x.shape[:4]
     x = jnp.moveaxis(x, 1, 3).reshape((b, n * c, h) + x.shape[4:])
     return x[:, :t]
+
+
+def resets_to_chunks(resets, heads: int, c: int, n: int):
+    """Per-batch resets bool ``[B, T]`` -> per-row int32 ``[Z = B·H, N, C]`` (a row's heads share them)."""
+    return to_chunks(jnp.repeat(resets.astype(jnp.int32)[:, :, None], heads, axis=2), c, n)
+
+
+def rows(x):
+    """``[B, H, ...]`` -> ``[Z = B·H, ...]`` (states, their cotangents, chunked arrays)."""
+    return x.reshape((-1,) + x.shape[2:])
+
+
+def by_head(x, heads: int):
+    """``[Z = B·H, ...]`` -> ``[B, H, ...]``."""
+    return x.reshape((-1, heads) + x.shape[1:])
 
 
 def chunked_flops(call: RecurrentCall, delta: bool = False) -> float:
