@@ -273,15 +273,17 @@ def _scores(cfg: FlashConfig, s):
     return t * (cfg.soft_cap * LOG2E), t
 
 
-def _mask(cfg: FlashConfig, s, kind, rows_coords, cols_coords, transposed: bool):
+def _mask(cfg: FlashConfig, lane: "_Lane", s, kind, rows_ref, cols_ref, transposed: bool):
     """``where(pair_fn(...), s, -inf)`` on PARTIAL blocks (a ``cond``: FULL blocks skip the predicate).
 
-    ``rows_coords`` / ``cols_coords``: 3 vectors each (pos, rel, seg) along the tile's rows / columns;
-    queries are the rows unless ``transposed`` (the dkv kernel's key-major tiles)."""
+    ``rows_ref`` / ``cols_ref``: SMEM coordinates ``[COORD_ROWS, n]`` (pos, rel, seg) of the tile's rows /
+    columns, loaded inside the masked branch only, so that no step holds them in registers outside it (a
+    column vector takes 16 registers a thread; the dkv kernel's main loop spilled without this). Queries
+    are the rows unless ``transposed`` (the dkv kernel's key-major tiles)."""
 
     def masked(s):
-        rows = [_bcast(c, s.shape, 1) for c in rows_coords]
-        cols = [_bcast(c, s.shape, 0) for c in cols_coords]
+        rows = [_bcast(c, s.shape, 1) for c in _coords(lane, rows_ref, 1)]
+        cols = [_bcast(c, s.shape, 0) for c in _coords(lane, cols_ref, 0)]
         qc, kc = (cols, rows) if transposed else (rows, cols)
         ok = cfg.pair_fn(tuple(qc), tuple(kc))
         return jnp.where(ok, s, -jnp.inf)
@@ -362,7 +364,6 @@ def _fwd_call(cfg: FlashConfig, q, k, v, sinks, q_coords, kv_coords, steps, coun
             plgpu.copy_gmem_to_smem(q_ref.at[bi, h, rows, :], qs, q_bar.at[wg])
             plgpu.copy_gmem_to_smem(qc_ref.at[bi, :, rows], qcs, q_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
-            q_coord = _coords(lane, qcs, 1)
 
             def step(t, carry):
                 acc, m, l = carry
@@ -370,7 +371,7 @@ def _fwd_call(cfg: FlashConfig, q, k, v, sinks, q_coords, kv_coords, steps, coun
                 kind = steps_ref[qi, t] & KIND_MASK
                 plgpu.barrier_wait(full_bar.at[slot])
                 s, _ = _scores(cfg, _matmul((rq, bkv), qs, kt_s.at[slot]))
-                s = _mask(cfg, s, kind, q_coord, _coords(lane, kc_s.at[slot], 0), False)
+                s = _mask(cfg, lane, s, kind, qcs, kc_s.at[slot], False)
                 m_new = jnp.maximum(m, s.max(axis=1))
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no exp(-inf - (-inf))
                 corr = jnp.exp2(m - m_use)
@@ -461,7 +462,6 @@ def _dq_call(cfg: FlashConfig, q, k, v, do, lse, delta, q_coords, kv_coords, ste
             plgpu.copy_gmem_to_smem(di_ref.at[bi, h, rows], di_s.at[wg], bar)
             plgpu.copy_gmem_to_smem(qc_ref.at[bi, :, rows], qc_s.at[wg], bar)
             plgpu.barrier_wait(bar)
-            q_coord = _coords(lane, qc_s.at[wg], 1)
             lse = lane.vec(lse_s.at[wg], 1)
             lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse) * LOG2E  # lse_safe: p = 0 on empty rows
             di = lane.vec(di_s.at[wg], 1)
@@ -472,7 +472,7 @@ def _dq_call(cfg: FlashConfig, q, k, v, do, lse, delta, q_coords, kv_coords, ste
                     kind = steps_ref[qi, t] & KIND_MASK
                     plgpu.barrier_wait(full_bar.at[slot])
                     s, tanh = _scores(cfg, _matmul((rq, bkv), qs, kt_s.at[slot]))
-                    s = _mask(cfg, s, kind, q_coord, _coords(lane, kc_s.at[slot], 0), False)
+                    s = _mask(cfg, lane, s, kind, qc_s.at[wg], kc_s.at[slot], False)
                     p = jnp.exp2(s - _bcast(lse2, s.shape, 1))
                     dp = _matmul((rq, bkv), dos, vt_s.at[slot])
                     ds = p * (dp - _bcast(di, dp.shape, 1))
@@ -519,13 +519,14 @@ def _dq_call(cfg: FlashConfig, q, k, v, do, lse, delta, q_coords, kv_coords, ste
 
 
 def _group_steps(steps, counts, g: int):
-    """``[nk, m]`` step entries with ``counts [nk]`` live ones -> ``[nk, g·m]`` entries and query-head offsets
-    (int32) for the steps of G heads in a row: step u is head ``u // n``, entry ``u mod n`` (n = counts)."""
+    """``[nk, m]`` step entries with ``counts [nk]`` live ones -> ``[nk, g·m]`` entries, query-head offsets
+    (int32) and ``g · counts`` live steps, for the steps of G heads in a row: step u is head ``u // n``,
+    entry ``u mod n`` (n = counts)."""
     if g == 1:
-        return steps, jnp.zeros_like(steps)
+        return steps, jnp.zeros_like(steps), counts
     u = jnp.arange(g * steps.shape[1], dtype=jnp.int32)[None, :]
     n = jnp.maximum(counts, 1)[:, None]
-    return jnp.take_along_axis(steps, u % n, axis=1), (u // n).astype(jnp.int32)
+    return jnp.take_along_axis(steps, u % n, axis=1), (u // n).astype(jnp.int32), counts * g
 
 
 def _dkv_call(cfg: FlashConfig, q, k, v, do, lse, delta, q_coords, kv_coords, steps_t, counts_t):
@@ -542,7 +543,7 @@ def _dkv_call(cfg: FlashConfig, q, k, v, do, lse, delta, q_coords, kv_coords, st
 
     # The G heads' steps laid out flat (step u: head u // n, block entry u mod n), so the kernel indexes
     # instead of dividing by the dynamic n; lse comes pre-scaled to log2 units with empty rows at +inf.
-    steps_t, heads_t = _group_steps(steps_t, counts_t, g)
+    steps_t, heads_t, counts_t = _group_steps(steps_t, counts_t, g)
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse) * LOG2E
 
     def body(steps_ref, heads_ref, counts_ref, k_ref, v_ref, kc_ref, q_ref, qt_ref, do_ref, dot_ref, lse_ref,
@@ -550,7 +551,7 @@ def _dkv_call(cfg: FlashConfig, q, k, v, do, lse, delta, q_coords, kv_coords, st
              di_s, qc_s, kv_bar, full_bar, used_bar):
         kj, hk, bi = lax.axis_index("kv"), lax.axis_index("h"), lax.axis_index("b")
         wg = lax.axis_index("wg")
-        n = counts_ref[kj]
+        n = counts_ref[kj]  # live steps over the G heads
 
         def head_block(u):
             """Step u -> (query head, q block, kind): the G heads of the group, live q blocks inner."""
@@ -578,8 +579,8 @@ def _dkv_call(cfg: FlashConfig, q, k, v, do, lse, delta, q_coords, kv_coords, st
                 plgpu.copy_gmem_to_smem(qc_ref.at[bi, :, qb], qc_s.at[slot], bar)
                 return _
 
-            lax.fori_loop(0, n * g, issue, 0)
-            _drain(used_bar, n * g, ns)
+            lax.fori_loop(0, n, issue, 0)
+            _drain(used_bar, n, ns)
 
         @pl.when(wg < nwg)
         def _consumer():
@@ -593,7 +594,6 @@ def _dkv_call(cfg: FlashConfig, q, k, v, do, lse, delta, q_coords, kv_coords, st
             plgpu.copy_gmem_to_smem(v_ref.at[bi, hk, keys, :], vs, bar)
             plgpu.copy_gmem_to_smem(kc_ref.at[bi, :, keys], kc_s.at[wg], bar)
             plgpu.barrier_wait(bar)
-            k_coord = _coords(lane, kc_s.at[wg], 1)  # keys are the rows of the transposed tiles
 
             def scope(accs):
                 dk_acc, dv_acc = accs
@@ -603,7 +603,7 @@ def _dkv_call(cfg: FlashConfig, q, k, v, do, lse, delta, q_coords, kv_coords, st
                     kind = steps_ref[kj, u] & KIND_MASK
                     plgpu.barrier_wait(full_bar.at[slot])
                     st, tanh = _scores(cfg, _matmul((rk, bq), ks, qt_s.at[slot]))  # (keys, queries)
-                    st = _mask(cfg, st, kind, k_coord, _coords(lane, qc_s.at[slot], 0), True)
+                    st = _mask(cfg, lane, st, kind, kc_s.at[wg], qc_s.at[slot], True)  # keys: the rows
                     pt = jnp.exp2(st - _bcast(lane.vec(lse_s.at[slot], 0), st.shape, 0))
                     dpt = _matmul((rk, bq), vs, dot_s.at[slot])
                     dst = pt * (dpt - _bcast(lane.vec(di_s.at[slot], 0), dpt.shape, 0))
@@ -618,7 +618,7 @@ def _dkv_call(cfg: FlashConfig, q, k, v, do, lse, delta, q_coords, kv_coords, st
                     plgpu.barrier_arrive(used_bar.at[slot])
                     return _
 
-                lax.fori_loop(0, n * g, step, 0)
+                lax.fori_loop(0, n, step, 0)
                 return dk_acc[...], dv_acc[...]
 
             dk, dv_ = pl.run_scoped(scope, (plgpu.ACC((rk, d), jnp.float32), plgpu.ACC((rk, dv), jnp.float32)))

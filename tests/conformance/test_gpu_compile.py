@@ -55,10 +55,7 @@ CONFIGS = {
        for family in ("delta_rule", "gated_delta_rule", "gla", "linear_attention", "retention", "simple_gla")},
 }
 # Known limits, each a strict xfail (a fix makes the case pass and the xfail fail, so it is removed):
-KNOWN = {
-    ("attention", "pallas_gpu", "gqa", "fwd+bwd"): "the dkv kernel spills 32 bytes (stores; 24 loads) at 255 "
-    "registers under GQA (G = 2 and 4; MHA does not spill): docs/gpu_compile_report.md",
-}
+KNOWN: dict[tuple[str, str, str, str], str] = {}  # none now (the GQA dkv spill was the last)
 CASES = [(cell, name, mode) for cell in CELLS for name in CONFIGS.get(cell[0], {"missing": None})
          for mode in ("fwd", "fwd+bwd")]
 
