@@ -79,9 +79,10 @@ def smem_bytes(tiles: GLATiles, dk: int, dv: int, dtype, out_dtype=None) -> dict
     227 KiB. ``out_dtype``: that of ``o`` (default ``dtype``)."""
     it = jnp.dtype(dtype).itemsize
     ot = jnp.dtype(out_dtype or dtype).itemsize
-    c, bdv = tiles.chunk, tiles.block_dv
-    fwd = (3 * c * dk + c * c + 2 * c * bdv + dk * bdv) * it + c * bdv * ot + dk * bdv * 4 + dk * 4
-    bwd = (3 * dk * c + c * c + 2 * c * bdv + dk * bdv) * it + dk * bdv * 4 + dk * 4
+    c, bdv, ns = tiles.chunk, tiles.block_dv, tiles.stages
+    # The chunk inputs sit in rings of `ns` slots (the first term of each).
+    fwd = ns * ((3 * c * dk + c * c + c * bdv) * it + dk * 4) + (c * bdv + dk * bdv) * it + c * bdv * ot + dk * bdv * 4
+    bwd = ns * ((3 * dk * c + c * c + c * bdv) * it + dk * 4) + (c * bdv + dk * bdv) * it + dk * bdv * 4
     return {"fwd": fwd, "bwd": bwd}
 
 
@@ -91,7 +92,7 @@ def smem_bytes(tiles: GLATiles, dk: int, dv: int, dtype, out_dtype=None) -> dict
 def _fwd_call(cfg: DeltaGpuConfig, qg, p, kd, u, w, a, h0, save_states: bool):
     b, h, tp, dk = qg.shape
     dv = u.shape[-1]
-    c, bdv = cfg.tiles.chunk, cfg.tiles.block_dv
+    c, bdv, ns = cfg.tiles.chunk, cfg.tiles.block_dv, cfg.tiles.stages
     n_chunks, ndv = tp // c, dv // bdv
     dt = qg.dtype
     odt = jnp.dtype(cfg.out_dtype) if cfg.out_dtype else dt
@@ -104,17 +105,17 @@ def _fwd_call(cfg: DeltaGpuConfig, qg, p, kd, u, w, a, h0, save_states: bool):
             rest = rest[3:]
         else:
             (o_ref, sf_ref), st_ref, rest = rest[:2], None, rest[2:]
-        qg_s, p_s, kdt_s, u_s, w_s, a_s, s_s, vn_s, o_s, sf_s, init_bar, bar = rest
+        qg_r, p_r, kdt_r, u_r, w_r, a_r, s_s, vn_s, o_s, sf_s, init_bar, ring_bar = rest  # *_r: rings
 
-        def step(at, s):
+        def loads(at, slot):
             bi, hi, rows, cols = at.b, at.h, at.rows, at.cols
-            plgpu.copy_gmem_to_smem(qg_ref.at[bi, hi, rows, :], qg_s, bar)
-            plgpu.copy_gmem_to_smem(p_ref.at[bi, hi, rows, :], p_s, bar)
-            plgpu.copy_gmem_to_smem(kdt_ref.at[bi, hi, :, rows], kdt_s, bar)
-            plgpu.copy_gmem_to_smem(u_ref.at[bi, hi, rows, cols], u_s, bar)
-            plgpu.copy_gmem_to_smem(w_ref.at[bi, hi, rows, :], w_s, bar)
-            plgpu.copy_gmem_to_smem(a_ref.at[bi, hi, at.n, :], a_s, bar)
-            plgpu.barrier_wait(bar)
+            return [(qg_ref.at[bi, hi, rows, :], qg_r.at[slot]), (p_ref.at[bi, hi, rows, :], p_r.at[slot]),
+                    (kdt_ref.at[bi, hi, :, rows], kdt_r.at[slot]), (u_ref.at[bi, hi, rows, cols], u_r.at[slot]),
+                    (w_ref.at[bi, hi, rows, :], w_r.at[slot]), (a_ref.at[bi, hi, at.n, :], a_r.at[slot])]
+
+        def step(at, slot, s):
+            bi, hi, rows, cols = at.b, at.h, at.rows, at.cols
+            qg_s, p_s, kdt_s, u_s, w_s, a_s = (x.at[slot] for x in (qg_r, p_r, kdt_r, u_r, w_r, a_r))
             s_s[...] = s.astype(dt)
             plgpu.commit_smem()
             if st_ref is not None:
@@ -127,22 +128,22 @@ def _fwd_call(cfg: DeltaGpuConfig, qg, p, kd, u, w, a, h0, save_states: bool):
             plgpu.copy_smem_to_gmem(o_s, o_ref.at[bi, hi, rows, cols])
             return _bcast(lane.vec(a_s, 1), (dk, bdv), 1) * s + _matmul((dk, bdv), kdt_s, vn_s)
 
-        run_chunks(lane, step, first_ref=h0_ref, last_ref=sf_ref, carry_s=sf_s, bar=init_bar, n_chunks=n_chunks,
-                   chunk=c, block_dv=bdv)
+        run_chunks(lane, step, loads, stages=ns, ring_bar=ring_bar, first_ref=h0_ref, last_ref=sf_ref, carry_s=sf_s,
+                   bar=init_bar, n_chunks=n_chunks, chunk=c, block_dv=bdv)
 
     scratch = [
-        _smem((c, dk), dt, mma=True),  # Qg
-        _smem((c, c), dt, mma=True),  # P
-        _smem((dk, c), dt, mma=True),  # Kdᵀ
-        _smem((c, bdv), dt, mma=True),  # U
-        _smem((c, dk), dt, mma=True),  # W
-        _smem((dk,), F32),  # a
+        _smem((ns, c, dk), dt, mma=True),  # Qg
+        _smem((ns, c, c), dt, mma=True),  # P
+        _smem((ns, dk, c), dt, mma=True),  # Kdᵀ
+        _smem((ns, c, bdv), dt, mma=True),  # U
+        _smem((ns, c, dk), dt, mma=True),  # W
+        _smem((ns, dk), F32),  # a
         _smem((dk, bdv), dt, mma=True),  # S in the operand dtype (also the saved chunk-start state)
         _smem((c, bdv), dt, mma=True),  # V_new
         _smem((c, bdv), odt, mma=True),  # O
         _smem((dk, bdv), F32, mma=True),  # h0, then the final state
         plgpu.Barrier(num_arrivals=1, num_barriers=1),  # h0
-        plgpu.Barrier(num_arrivals=6, num_barriers=1),  # the copies of a chunk
+        plgpu.Barrier(num_arrivals=6, num_barriers=ns),  # the copies of a chunk, per ring slot
     ]
     out = [jax.ShapeDtypeStruct((b, h, tp, dv), odt), jax.ShapeDtypeStruct((b, h, dk, dv), F32)]
     if save_states:
@@ -158,7 +159,7 @@ def _bwd_call(cfg: DeltaGpuConfig, qg, p, kd, w, a, do, dsf):
     """The reverse state pass: ``(dS_end [B, H, N, Dk, Dv]`` (operand dtype), ``d h0`` fp32)``."""
     b, h, tp, dk = qg.shape
     dv = do.shape[-1]
-    c, bdv = cfg.tiles.chunk, cfg.tiles.block_dv
+    c, bdv, ns = cfg.tiles.chunk, cfg.tiles.block_dv, cfg.tiles.stages
     n_chunks, ndv = tp // c, dv // bdv
     dt = qg.dtype
     lane = _Lane(cfg.interpret is not None)
@@ -166,16 +167,16 @@ def _bwd_call(cfg: DeltaGpuConfig, qg, p, kd, w, a, do, dsf):
     pt = jnp.swapaxes(p.reshape(b, h, n_chunks, c, c), 3, 4).reshape(b, h, tp, c)
 
     def body(qgt_ref, pt_ref, kd_ref, wt_ref, a_ref, do_ref, dsf_ref, dse_ref, dh0_ref,
-             qgt_s, pt_s, kd_s, wt_s, a_s, do_s, ds_s, ndvn_s, dsf_s, init_bar, bar):
-        def step(at, ds):
+             qgt_r, pt_r, kd_r, wt_r, a_r, do_r, ds_s, ndvn_s, dsf_s, init_bar, ring_bar):
+        def loads(at, slot):
             bi, hi, rows, cols = at.b, at.h, at.rows, at.cols
-            plgpu.copy_gmem_to_smem(qgt_ref.at[bi, hi, :, rows], qgt_s, bar)
-            plgpu.copy_gmem_to_smem(pt_ref.at[bi, hi, rows, :], pt_s, bar)
-            plgpu.copy_gmem_to_smem(kd_ref.at[bi, hi, rows, :], kd_s, bar)
-            plgpu.copy_gmem_to_smem(wt_ref.at[bi, hi, :, rows], wt_s, bar)
-            plgpu.copy_gmem_to_smem(a_ref.at[bi, hi, at.n, :], a_s, bar)
-            plgpu.copy_gmem_to_smem(do_ref.at[bi, hi, rows, cols], do_s, bar)
-            plgpu.barrier_wait(bar)
+            return [(qgt_ref.at[bi, hi, :, rows], qgt_r.at[slot]), (pt_ref.at[bi, hi, rows, :], pt_r.at[slot]),
+                    (kd_ref.at[bi, hi, rows, :], kd_r.at[slot]), (wt_ref.at[bi, hi, :, rows], wt_r.at[slot]),
+                    (a_ref.at[bi, hi, at.n, :], a_r.at[slot]), (do_ref.at[bi, hi, rows, cols], do_r.at[slot])]
+
+        def step(at, slot, ds):
+            bi, hi, cols = at.b, at.h, at.cols
+            qgt_s, pt_s, kd_s, wt_s, a_s, do_s = (x.at[slot] for x in (qgt_r, pt_r, kd_r, wt_r, a_r, do_r))
             ds_s[...] = ds.astype(dt)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(ds_s, dse_ref.at[bi, hi, at.n, :, cols])
@@ -185,21 +186,21 @@ def _bwd_call(cfg: DeltaGpuConfig, qg, p, kd, w, a, do, dsf):
             upd = matmul_sum((dk, bdv), (qgt_s, do_s), (wt_s, ndvn_s))  # Qgᵀ dO − Wᵀ dV_new
             return _bcast(lane.vec(a_s, 1), (dk, bdv), 1) * ds + upd
 
-        run_chunks(lane, step, first_ref=dsf_ref, last_ref=dh0_ref, carry_s=dsf_s, bar=init_bar,
-                   n_chunks=n_chunks, chunk=c, block_dv=bdv, reverse=True)
+        run_chunks(lane, step, loads, stages=ns, ring_bar=ring_bar, first_ref=dsf_ref, last_ref=dh0_ref,
+                   carry_s=dsf_s, bar=init_bar, n_chunks=n_chunks, chunk=c, block_dv=bdv, reverse=True)
 
     scratch = [
-        _smem((dk, c), dt, mma=True),  # Qgᵀ
-        _smem((c, c), dt, mma=True),  # Pᵀ
-        _smem((c, dk), dt, mma=True),  # Kd
-        _smem((dk, c), dt, mma=True),  # Wᵀ
-        _smem((dk,), F32),  # a
-        _smem((c, bdv), dt, mma=True),  # dO
+        _smem((ns, dk, c), dt, mma=True),  # Qgᵀ
+        _smem((ns, c, c), dt, mma=True),  # Pᵀ
+        _smem((ns, c, dk), dt, mma=True),  # Kd
+        _smem((ns, dk, c), dt, mma=True),  # Wᵀ
+        _smem((ns, dk), F32),  # a
+        _smem((ns, c, bdv), dt, mma=True),  # dO
         _smem((dk, bdv), dt, mma=True),  # dS (chunk-end state cotangent) in the operand dtype, also saved
         _smem((c, bdv), dt, mma=True),  # −dV_new
         _smem((dk, bdv), F32, mma=True),  # dS_T, then d h0
         plgpu.Barrier(num_arrivals=1, num_barriers=1),
-        plgpu.Barrier(num_arrivals=6, num_barriers=1),
+        plgpu.Barrier(num_arrivals=6, num_barriers=ns),  # the copies of a chunk, per ring slot
     ]
     out_shape = [jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), dt), jax.ShapeDtypeStruct((b, h, dk, dv), F32)]
     return _kernel(body, out_shape, scratch, name="seqmix_delta_bwd", grid=(ndv, h, b),

@@ -127,16 +127,21 @@ ANC_ROWS = 2  # per chunk and channel: exp(m), exp(G_C − m)
 @dataclasses.dataclass(frozen=True)
 class GLATiles:
     """Tile sizes: ``chunk`` tokens per chunk (the ``wgmma`` M of the intra-chunk products: a multiple of 64,
-    at most 256), ``block_dv`` value columns per CTA (a multiple of 64, at most 256)."""
+    at most 256), ``block_dv`` value columns per CTA (a multiple of 64, at most 256), ``stages`` ring slots
+    for a chunk's inputs in the sequential kernels (1: load, then compute; 2: the next chunk's loads overlap
+    this chunk's compute; :mod:`pallas_kernels.gpu.chunk_loop`)."""
 
     chunk: int = 64
     block_dv: int = 64
+    stages: int = 2
 
     def __post_init__(self):
         for name in ("chunk", "block_dv"):
             val = getattr(self, name)
             if not isinstance(val, int) or val < 64 or val % 64 or val > MAX_TMA_BOX:
                 raise ValueError(f"GLATiles.{name} must be a multiple of 64 in [64, 256]; got {val!r}")
+        if not isinstance(self.stages, int) or not 1 <= self.stages <= 4:
+            raise ValueError(f"GLATiles.stages must be an int in [1, 4]; got {self.stages!r}")
 
 
 #: H100, Dk = Dv = 128, bf16: 64-token chunks, two 64-column Dv tiles per head (state tile 128×64 fp32).
@@ -179,13 +184,14 @@ def _compiler_params(cfg: GLAGpuConfig):
 def smem_bytes(tiles: GLATiles, dk: int, dv: int, dtype, gate: str = "scalar") -> dict[str, int]:
     """SMEM each kernel allocates (buffers only), to check against :data:`MAX_SMEM_BYTES`."""
     it = jnp.dtype(dtype).itemsize
-    c, bdv = tiles.chunk, tiles.block_dv
+    c, bdv, ns = tiles.chunk, tiles.block_dv, tiles.stages
     tok = TOK_ROWS * c * 4
-    fwd = (c * dk + dk * c + 2 * c * bdv + dk * bdv + c * c + c * bdv) * it + dk * bdv * 4 + tok + dk * 4
-    bwd_state = (dk * c + 2 * c * bdv + dk * bdv) * it + tok + dk * 4 + dk * bdv * 4
+    # The sequential kernels hold their chunk inputs in rings of `ns` slots (the first term of each).
+    fwd = ns * ((2 * c * dk + c * bdv) * it + tok + dk * 4) + (dk * bdv + c * c + 2 * c * bdv) * it + dk * bdv * 4
+    bwd_state = ns * ((dk * c + c * bdv) * it + tok + dk * 4) + (dk * bdv + c * bdv) * it + dk * bdv * 4
     bwd = (3 * c * dk + 7 * c * bdv + 2 * dk * bdv + 3 * c * c) * it + dk * c * 4 + tok + c * 4
     if gate == "channel":  # the (exp(m), exp(G_C − m)) rows of a chunk
-        fwd, bwd_state = fwd + ANC_ROWS * dk * 4, bwd_state + ANC_ROWS * dk * 4
+        fwd, bwd_state = fwd + ns * ANC_ROWS * dk * 4, bwd_state + ns * ANC_ROWS * dk * 4
     return {"fwd": fwd, "bwd_state": bwd_state, "bwd": bwd}
 
 
@@ -210,7 +216,7 @@ def _gamma(lane: _Lane, tok_s, shape, transposed: bool):
 def _fwd_call(cfg: GLAGpuConfig, q, k, v, tok, decay, h0, save_states: bool, anc=None):
     b, h, tp, dk = q.shape
     dv = v.shape[-1]
-    c, bdv = cfg.tiles.chunk, cfg.tiles.block_dv
+    c, bdv, ns = cfg.tiles.chunk, cfg.tiles.block_dv, cfg.tiles.stages
     n_chunks, ndv = tp // c, dv // bdv
     dt = q.dtype
     odt = jnp.dtype(cfg.out_dtype) if cfg.out_dtype else dt
@@ -227,20 +233,21 @@ def _fwd_call(cfg: GLAGpuConfig, q, k, v, tok, decay, h0, save_states: bool, anc
             rest = rest[3:]
         else:
             (o_ref, sf_ref), st_ref, rest = rest[:2], None, rest[2:]
-        q_s, kt_s, v_s, tok_s, a_s, s_s, p_s, vw_s, o_s, sf_s = rest[:10]
-        anc_s = rest[10] if chan else None
-        init_bar, bar = rest[-2:]
+        q_r, kt_r, v_r, tok_r, a_r, s_s, p_s, vw_s, o_s, sf_s = rest[:10]  # *_r: rings of `stages` slots
+        anc_r = rest[10] if chan else None
+        init_bar, ring_bar = rest[-2:]
 
-        def step(at, s):
+        def loads(at, slot):
             n, rows, cols, bi, hi = at.n, at.rows, at.cols, at.b, at.h
-            plgpu.copy_gmem_to_smem(q_ref.at[bi, hi, rows, :], q_s, bar)
-            plgpu.copy_gmem_to_smem(kt_ref.at[bi, hi, :, rows], kt_s, bar)
-            plgpu.copy_gmem_to_smem(v_ref.at[bi, hi, rows, cols], v_s, bar)
-            plgpu.copy_gmem_to_smem(tok_ref.at[bi, hi, :, rows], tok_s, bar)
-            plgpu.copy_gmem_to_smem(a_ref.at[bi, hi, n, :], a_s, bar)
-            if chan:
-                plgpu.copy_gmem_to_smem(anc_ref.at[bi, hi, n], anc_s, bar)
-            plgpu.barrier_wait(bar)
+            copies = [(q_ref.at[bi, hi, rows, :], q_r.at[slot]), (kt_ref.at[bi, hi, :, rows], kt_r.at[slot]),
+                      (v_ref.at[bi, hi, rows, cols], v_r.at[slot]), (tok_ref.at[bi, hi, :, rows], tok_r.at[slot]),
+                      (a_ref.at[bi, hi, n, :], a_r.at[slot])]
+            return copies + ([(anc_ref.at[bi, hi, n], anc_r.at[slot])] if chan else [])
+
+        def step(at, slot, s):
+            n, rows, cols, bi, hi = at.n, at.rows, at.cols, at.b, at.h
+            q_s, kt_s, v_s, tok_s, a_s = (x.at[slot] for x in (q_r, kt_r, v_r, tok_r, a_r))
+            anc_s = anc_r.at[slot] if chan else None
             if chan:  # exp(m) ⊙_rows S: Q ⊙ exp(G) S = (Q ⊙ exp(G − m)) (exp(m) ⊙_rows S)
                 s_s[...] = (_bcast(lane.vec(anc_s.at[0], 1), (dk, bdv), 1) * s).astype(dt)
             else:
@@ -263,15 +270,15 @@ def _fwd_call(cfg: GLAGpuConfig, q, k, v, tok, decay, h0, save_states: bool, anc
                 upd = _bcast(lane.vec(anc_s.at[1], 1), (dk, bdv), 1) * upd
             return _bcast(a, (dk, bdv), 1) * s + upd
 
-        run_chunks(lane, step, first_ref=h0_ref, last_ref=sf_ref, carry_s=sf_s, bar=init_bar, n_chunks=n_chunks,
-                   chunk=c, block_dv=bdv)
+        run_chunks(lane, step, loads, stages=ns, ring_bar=ring_bar, first_ref=h0_ref, last_ref=sf_ref, carry_s=sf_s,
+                   bar=init_bar, n_chunks=n_chunks, chunk=c, block_dv=bdv)
 
     scratch = [
-        _smem((c, dk), dt, mma=True),  # q
-        _smem((dk, c), dt, mma=True),  # kT
-        _smem((c, bdv), dt, mma=True),  # v
-        _smem((TOK_ROWS, c), F32),  # token rows
-        _smem((dk,), F32),  # chunk decay a
+        _smem((ns, c, dk), dt, mma=True),  # q
+        _smem((ns, dk, c), dt, mma=True),  # kT
+        _smem((ns, c, bdv), dt, mma=True),  # v
+        _smem((ns, TOK_ROWS, c), F32),  # token rows
+        _smem((ns, dk), F32),  # chunk decay a
         _smem((dk, bdv), dt, mma=True),  # S in the operand dtype (also the saved chunk-start state)
         _smem((c, c), dt, mma=True),  # P
         _smem((c, bdv), dt, mma=True),  # wk ⊙ V
@@ -279,10 +286,10 @@ def _fwd_call(cfg: GLAGpuConfig, q, k, v, tok, decay, h0, save_states: bool, anc
         _smem((dk, bdv), F32, mma=True),  # h0, then the final state
     ]
     if chan:
-        scratch.append(_smem((ANC_ROWS, dk), F32))  # exp(m), exp(G_C − m)
+        scratch.append(_smem((ns, ANC_ROWS, dk), F32))  # exp(m), exp(G_C − m)
     scratch += [
         plgpu.Barrier(num_arrivals=1, num_barriers=1),  # h0
-        plgpu.Barrier(num_arrivals=5 + chan, num_barriers=1),  # the copies of a chunk
+        plgpu.Barrier(num_arrivals=5 + chan, num_barriers=ns),  # the copies of a chunk, per ring slot
     ]
     out = [jax.ShapeDtypeStruct((b, h, tp, dv), odt), jax.ShapeDtypeStruct((b, h, dk, dv), F32)]
     if save_states:
@@ -302,7 +309,7 @@ def _bwd_state_call(cfg: GLAGpuConfig, q, do, tok, decay, dsf, anc=None):
     already ``exp(G_C − m) ⊙_rows dS``, the form both its uses take) and ``d h0`` fp32."""
     b, h, tp, dk = q.shape
     dv = do.shape[-1]
-    c, bdv = cfg.tiles.chunk, cfg.tiles.block_dv
+    c, bdv, ns = cfg.tiles.chunk, cfg.tiles.block_dv, cfg.tiles.stages
     n_chunks, ndv = tp // c, dv // bdv
     dt = q.dtype
     lane = _Lane(cfg.interpret is not None)
@@ -313,18 +320,19 @@ def _bwd_state_call(cfg: GLAGpuConfig, q, do, tok, decay, dsf, anc=None):
         anc_ref = None
         if chan:
             anc_ref, rest = rest[0], rest[1:]
-        dse_ref, dh0_ref, qt_s, do_s, tok_s, a_s, ds_s, dow_s, dsf_s = rest[:9]
-        anc_s, (init_bar, bar) = (rest[9], rest[10:]) if chan else (None, rest[9:])
+        dse_ref, dh0_ref, qt_r, do_r, tok_r, a_r, ds_s, dow_s, dsf_s = rest[:9]  # *_r: rings of `stages` slots
+        anc_r, (init_bar, ring_bar) = (rest[9], rest[10:]) if chan else (None, rest[9:])
 
-        def step(at, ds):
+        def loads(at, slot):
             n, rows, cols, bi, hi = at.n, at.rows, at.cols, at.b, at.h
-            plgpu.copy_gmem_to_smem(qt_ref.at[bi, hi, :, rows], qt_s, bar)
-            plgpu.copy_gmem_to_smem(do_ref.at[bi, hi, rows, cols], do_s, bar)
-            plgpu.copy_gmem_to_smem(tok_ref.at[bi, hi, :, rows], tok_s, bar)
-            plgpu.copy_gmem_to_smem(a_ref.at[bi, hi, n, :], a_s, bar)
-            if chan:
-                plgpu.copy_gmem_to_smem(anc_ref.at[bi, hi, n], anc_s, bar)
-            plgpu.barrier_wait(bar)
+            copies = [(qt_ref.at[bi, hi, :, rows], qt_r.at[slot]), (do_ref.at[bi, hi, rows, cols], do_r.at[slot]),
+                      (tok_ref.at[bi, hi, :, rows], tok_r.at[slot]), (a_ref.at[bi, hi, n, :], a_r.at[slot])]
+            return copies + ([(anc_ref.at[bi, hi, n], anc_r.at[slot])] if chan else [])
+
+        def step(at, slot, ds):
+            n, cols, bi, hi = at.n, at.cols, at.b, at.h
+            qt_s, do_s, tok_s, a_s = (x.at[slot] for x in (qt_r, do_r, tok_r, a_r))
+            anc_s = anc_r.at[slot] if chan else None
             if chan:  # both uses of dS (dKᵀ, dV) see exp(G_C − m) ⊙_rows dS
                 ds_s[...] = (_bcast(lane.vec(anc_s.at[1], 1), (dk, bdv), 1) * ds).astype(dt)
             else:
@@ -338,21 +346,21 @@ def _bwd_state_call(cfg: GLAGpuConfig, q, do, tok, decay, dsf, anc=None):
                 upd = _bcast(lane.vec(anc_s.at[0], 1), (dk, bdv), 1) * upd
             return _bcast(lane.vec(a_s, 1), (dk, bdv), 1) * ds + upd
 
-        run_chunks(lane, step, first_ref=dsf_ref, last_ref=dh0_ref, carry_s=dsf_s, bar=init_bar,
-                   n_chunks=n_chunks, chunk=c, block_dv=bdv, reverse=True)
+        run_chunks(lane, step, loads, stages=ns, ring_bar=ring_bar, first_ref=dsf_ref, last_ref=dh0_ref,
+                   carry_s=dsf_s, bar=init_bar, n_chunks=n_chunks, chunk=c, block_dv=bdv, reverse=True)
 
     scratch = [
-        _smem((dk, c), dt, mma=True),  # qT
-        _smem((c, bdv), dt, mma=True),  # dO (scaled)
-        _smem((TOK_ROWS, c), F32),  # token rows
-        _smem((dk,), F32),  # chunk decay a
+        _smem((ns, dk, c), dt, mma=True),  # qT
+        _smem((ns, c, bdv), dt, mma=True),  # dO (scaled)
+        _smem((ns, TOK_ROWS, c), F32),  # token rows
+        _smem((ns, dk), F32),  # chunk decay a
         _smem((dk, bdv), dt, mma=True),  # dS in the operand dtype (saved)
         _smem((c, bdv), dt, mma=True),  # wq ⊙ dO
         _smem((dk, bdv), F32, mma=True),  # dS_T, then d h0
     ]
     if chan:
-        scratch.append(_smem((ANC_ROWS, dk), F32))  # exp(m), exp(G_C − m)
-    scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=1), plgpu.Barrier(num_arrivals=4 + chan, num_barriers=1)]
+        scratch.append(_smem((ns, ANC_ROWS, dk), F32))  # exp(m), exp(G_C − m)
+    scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=1), plgpu.Barrier(num_arrivals=4 + chan, num_barriers=ns)]
     out = [jax.ShapeDtypeStruct((b, h, n_chunks, dk, dv), dt), jax.ShapeDtypeStruct((b, h, dk, dv), F32)]
     return _kernel(body, out, scratch, name="seqmix_gla_bwd_state", grid=(ndv, h, b), grid_names=("dv", "h", "b"),
                    compiler_params=_compiler_params(cfg), interpret=cfg.interpret)(

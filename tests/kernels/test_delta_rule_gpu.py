@@ -72,11 +72,11 @@ def _operands(seed, b, h, n, dk, dv, chunk=64):
     return args, cts
 
 
-def _check_state_pass(dtype, seed, b, h, n, dk, dv):
+def _check_state_pass(dtype, seed, b, h, n, dk, dv, tiles=dr.INTERPRET_TILES, races=False):
     args, cts = _operands(seed, b, h, n, dk, dv)
     if jnp.dtype(dtype) != jnp.float32:  # the reference sees the operands the kernel multiplies
         args = tuple(x.astype(dtype).astype(jnp.float32) if i < 5 else x for i, x in enumerate(args))
-    cfg = _cfg(dtype)
+    cfg = _cfg(dtype, tiles=tiles, races=races)
     out, vjp = jax.vjp(jax.jit(lambda *x: dr.state_pass(cfg, *x)), *args)  # jitted: one program each
     ref, rvjp = jax.vjp(jax.jit(lambda *x: scan_state_pass(*x, chunk=64)), *args)
     kind = tolerance_kind(dtype, "recurrent")
@@ -89,6 +89,13 @@ def _check_state_pass(dtype, seed, b, h, n, dk, dv):
 
 def test_state_pass_fp32_three_chunks_two_dv_tiles():
     _check_state_pass(jnp.float32, 0, 1, 2, 3, 64, 128)
+
+
+@pytest.mark.parametrize("stages", [1, 3])
+def test_state_pass_input_ring_stages(stages):
+    """The chunk loop's input ring at depths 1 (no prefetch) and 3 (wrapping around over 5 chunks), forward
+    and reverse, under the race detector."""
+    _check_state_pass(jnp.float32, 2, 1, 1, 5, 64, 64, tiles=dr.GLATiles(64, 64, stages), races=True)
 
 
 @pytest.mark.slow  # the registry conformance suite runs both delta families in bf16 in the default run

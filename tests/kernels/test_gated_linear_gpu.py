@@ -399,6 +399,21 @@ def test_gla_wide_span_bf16_slow():
     _gla_case(1, 100, 2, 64, 64, jnp.bfloat16, seg=_segments(1, 100, [(37,)]), seed=13, g=g, anchored=False)
 
 
+@pytest.mark.parametrize("stages", [1, 3])
+def test_input_ring_stages(stages):
+    """The chunk loop's input ring at other depths than the default 2 (1: no prefetch; 3: two chunks ahead,
+    the ring wrapping around), T = 300 (5 chunks, the last padded), documents across chunk boundaries,
+    under the race detector."""
+    seg = _segments(1, 300, [(70, 100)])
+    _simple_gla_case(1, 300, 1, 64, 64, jnp.float32, seg=seg, tiles=gl.GLATiles(64, 64, stages))
+
+
+def test_tiles_reject_a_bad_ring_depth():
+    for bad in (0, 5, 2.0):
+        with pytest.raises(ValueError, match="stages"):
+            gl.GLATiles(64, 64, bad)
+
+
 def test_race_detector_clean():
     """Forward and backward under the interpreter's race detector (jax 0.10's ``races_found`` flag)."""
     try:
