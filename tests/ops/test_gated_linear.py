@@ -323,6 +323,20 @@ def test_taylor_feature_map_identity():
         assert phi(q).shape[-1] == 1 + d + d * (d + 1) // 2
 
 
+def test_elu_feature_map_keeps_small_values():
+    """elu(x) + 1 is exp(x) for x <= 0: positive and relatively exact down to fp32's smallest normals (the
+    expm1(x) + 1 form rounds it to 0 below x = -17, and loses digits to cancellation from x = -1 on); its
+    gradient is exp(x) there, 1 above, and 1 at 0 (both one-sided derivatives)."""
+    x = np.linspace(-80.0, 5.0, 20001, dtype=np.float32)
+    phi = np.asarray(apply_feature_map("elu", jnp.asarray(x)))
+    x64 = x.astype(np.float64)
+    want = np.where(x64 > 0, x64 + 1.0, np.exp(x64))
+    assert (phi > 0).all()
+    np.testing.assert_allclose(phi, want, rtol=2e-7)
+    grad = jax.vmap(jax.grad(lambda t: apply_feature_map("elu", t)))(jnp.asarray([-30.0, -1.0, 0.0, 2.0]))
+    np.testing.assert_allclose(grad, [math.exp(-30.0), math.exp(-1.0), 1.0, 1.0], rtol=1e-6)
+
+
 def test_decay_presets():
     np.testing.assert_allclose(retnet_decay(3), np.log(1 - 2.0 ** (-5 - np.arange(3))), rtol=1e-6)
     np.testing.assert_allclose(lightning_decay(4, 1, 4), -(8 / 4) * (1 - 1 / 4) * np.arange(4), rtol=1e-6)
