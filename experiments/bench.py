@@ -211,11 +211,19 @@ def bench_recurrent(lengths, batch, heads, head_dim, dtype, max_reference_len, m
     return rows
 
 
+def loss_and_grads(f, n: int):
+    """``value_and_grad`` of ``sum(f(*a))`` in its first ``n`` arguments: what a training step runs, the
+    "fwd+bwd" of every benchmark here. ``jax.grad`` alone lets XLA drop the forward's output wherever the
+    backward does not read it, as in the chunked recurrent forms, which then timed a backward without most
+    of their forward (simple_gla at T = 8192: 2.97 of the 3.77 GFLOP of dots)."""
+    return jax.value_and_grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=tuple(range(n)))
+
+
 def _compile(f, args, family, name, mode, t, dtype, forward_flops):
-    """Compile ``f`` (or its gradient in every array argument): (its row without timings, (compiled, args),
-    its useful FLOPs)."""
+    """Compile ``f`` (or :func:`loss_and_grads` in every array argument): (its row without timings,
+    (compiled, args), its useful FLOPs)."""
     n = 3 if family == "attention" else len(args)
-    g = f if mode == "fwd" else jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=tuple(range(n)))
+    g = f if mode == "fwd" else loss_and_grads(f, n)
     compiled = jax.jit(g).lower(*args).compile()
     mem = compiled.memory_analysis()
     b, _, h, d = args[0].shape

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import Roofline, _timed  # noqa: E402
+from bench import Roofline, _timed, loss_and_grads  # noqa: E402
 
 from seqmix import ops  # noqa: E402
 from seqmix.ops import block_meta  # noqa: E402
@@ -92,7 +92,7 @@ def candidates(grid, kernel: int, table: np.ndarray, block: int, max_explicit: i
 
 
 def measure(fn, args, mode, repeats):
-    g = fn if mode == "fwd" else jax.grad(lambda *a: fn(*a).sum(), argnums=(0, 1, 2))
+    g = fn if mode == "fwd" else loss_and_grads(fn, 3)
     compiled = jax.jit(g).lower(*args).compile()
     mem = compiled.memory_analysis()
     return _timed(compiled, args, repeats), int(getattr(mem, "temp_size_in_bytes", -1))

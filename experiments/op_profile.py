@@ -3,8 +3,8 @@ instruction computes.
 
 XLA:CPU runs a compiled program as a sequence of thunks (one per fused HLO instruction); with
 ``--xla_cpu_enable_xprof_traceme`` each thunk records a trace event, which ``jax.profiler`` collects. This
-script compiles one call (forward, or forward+backward: the gradient of ``sum(o)`` in every array argument),
-runs it ``--repeats`` times under the profiler and reports, per call:
+script compiles one call (forward, or forward+backward: the value and gradient of ``sum(o)`` in every array
+argument, ``bench.loss_and_grads``), runs it ``--repeats`` times under the profiler and reports, per call:
 
 * the wall time, and the sum of the instructions' own times (over both worker threads: it can exceed the
   wall time when the two cores overlap work; control-flow instructions, whose events enclose the
@@ -12,7 +12,9 @@ runs it ``--repeats`` times under the profiler and reports, per call:
 * the time per *kind* of work: ``matmul`` for dots (XLA's own or a YNNPACK dot fusion), else the JAX
   primitive at the root of each fused instruction, read from its ``op_name`` metadata (``exp``,
   ``transpose``, ``select_n``, ...; ``fusion`` where the metadata names none);
-* the slowest instructions, with their shapes.
+* the slowest instructions, with their shapes;
+* the FLOPs its dots compute (:func:`dot_flops`, while loops counted per iteration) beside the useful
+  count of the family record: their ratio bounds the fraction of matmul the op can reach.
 
     python experiments/op_profile.py --family gla --seq 2048 --mode fwd+bwd
     python experiments/op_profile.py --family attention --mask causal --seq 8192 --out profile.json
@@ -39,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "experiments")]
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import bench  # noqa: E402
@@ -61,6 +64,54 @@ def instructions(hlo_text: str) -> dict[str, dict]:
             kind = op_name.group(1).rsplit("/", 1)[-1] if op_name else m.group(3)
         out[m.group(1)] = dict(shape=m.group(2), opcode=m.group(3), kind=kind)
     return out
+
+
+def dot_flops(hlo_text: str) -> float:
+    """FLOPs of every dot the compiled program runs (``2·K`` per output element, K the contracted size): a dot
+    inside a while body counts once per iteration (XLA's ``known_trip_count``), one inside a fusion or call
+    once per use of it, and a conditional counts its costliest branch. What the program computes in matmuls,
+    to set beside the family record's useful count."""
+    comps: dict[str, list[str]] = {}
+    shapes: dict[str, list[int]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head and not line.startswith(" "):
+            current = comps.setdefault(head.group(1), [])
+            continue
+        inst = re.match(r"^\s+(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]", line)
+        if inst:
+            shapes[inst.group(1)] = [int(x) for x in inst.group(3).split(",") if x]
+        if current is not None and line.startswith(" "):
+            current.append(line)
+    memo: dict[str, float] = {}
+
+    def total(comp: str) -> float:
+        if comp in memo:
+            return memo[comp]
+        memo[comp] = 0.0  # a cycle (none in HLO) would count nothing
+        flops = 0.0
+        for line in comps.get(comp, []):
+            dot = re.match(r"^\s+(?:ROOT )?%[\w.\-]+ = \w+\[([\d,]*)\][^ ]* dot\(%([\w.\-]+), .*"
+                           r"lhs_contracting_dims=\{([\d,]*)\}", line)
+            if dot:
+                out = [int(x) for x in dot.group(1).split(",") if x]
+                k = 1
+                for d in dot.group(3).split(","):
+                    k *= shapes[dot.group(2)][int(d)] if d else 1
+                flops += 2.0 * k * float(np.prod(out))
+            branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+            if branches:
+                flops += max(total(b.strip().lstrip("%")) for b in branches.group(1).split(","))
+                continue
+            trips = re.search(r'known_trip_count":\{"n":"(\d+)"', line)
+            for callee in re.findall(r"(?:calls|to_apply|body)=%?([\w.\-]+)", line):
+                flops += (int(trips.group(1)) if trips and " while(" in line else 1) * total(callee)
+        memo[comp] = flops
+        return flops
+
+    entry = re.search(r"^ENTRY %?([\w.\-]+)", hlo_text, re.M)
+    return total(entry.group(1)) if entry else 0.0
 
 
 def thunk_times(compiled, args, repeats: int) -> dict[str, float]:
@@ -101,9 +152,10 @@ def call_of(args) -> tuple:
 def profile(args) -> dict:
     f, arrays, fwd_flops = call_of(args)
     n = 3 if args.family == "attention" else len(arrays)
-    g = f if args.mode == "fwd" else jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=tuple(range(n)))
+    g = f if args.mode == "fwd" else bench.loss_and_grads(f, n)
     compiled = jax.jit(g).lower(*arrays).compile()
     table = instructions(compiled.as_text())
+    computed = dot_flops(compiled.as_text())
     jax.block_until_ready(compiled(*arrays))
     t0 = time.perf_counter()
     for _ in range(args.repeats):
@@ -118,7 +170,7 @@ def profile(args) -> dict:
     flops = ops.with_backward(fwd_flops) if args.mode == "fwd+bwd" else fwd_flops
     return dict(family=args.family, mask=args.mask if args.family == "attention" else None, impl=args.impl,
                 mode=args.mode, B=args.batch, T=args.seq, H=args.heads, D=args.head_dim, wall_seconds=wall,
-                useful_flops=flops, instruction_seconds=sum(o["seconds"] for o in flat),
+                useful_flops=flops, dot_flops=computed, instruction_seconds=sum(o["seconds"] for o in flat),
                 by_kind=dict(by_kind.most_common()),
                 control_flow=sorted((o for o in ops_ if o["opcode"] in CONTROL_FLOW), key=lambda o: -o["seconds"]),
                 top=sorted(flat, key=lambda o: -o["seconds"])[:args.top], jax=jax.__version__)
@@ -128,7 +180,9 @@ def report(r: dict) -> str:
     lines = [f"{r['family']} ({r['impl']}, {r['mode']}, B={r['B']} T={r['T']} H={r['H']} D={r['D']}"
              f"{', mask ' + r['mask'] if r['mask'] else ''}): {r['wall_seconds'] * 1e3:.1f} ms per call, "
              f"instructions sum {r['instruction_seconds'] * 1e3:.1f} ms (both threads), "
-             f"{r['useful_flops'] / r['wall_seconds'] / 1e9:.1f} useful GFLOP/s", "", "| kind | ms | share |",
+             f"{r['useful_flops'] / r['wall_seconds'] / 1e9:.1f} useful GFLOP/s; the dots compute "
+             f"{r['dot_flops'] / 1e9:.3f} GFLOP for {r['useful_flops'] / 1e9:.3f} useful "
+             f"(useful / computed {r['useful_flops'] / max(r['dot_flops'], 1.0):.3f})", "", "| kind | ms | share |",
              "|---|---|---|"]
     total = r["instruction_seconds"]
     for kind, s in r["by_kind"].items():

@@ -119,6 +119,28 @@ def test_op_profile_at_toy_size(tmp_path):
     assert result["instruction_seconds"] == pytest.approx(sum(result["by_kind"].values()))
     assert all(o["opcode"] not in ("while", "conditional", "call") for o in result["top"])
     assert "| matmul |" in proc.stdout
+    assert 0 < result["useful_flops"] <= result["dot_flops"]  # the algorithm's dots cover its useful work
+
+
+def test_dot_flops_counts_every_loop_iteration(monkeypatch):
+    """op_profile.dot_flops on a compiled program: a dot at top level and one in a 3-step scan are 4 dots."""
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # op_profile appends its trace flag on import
+    spec = importlib.util.spec_from_file_location("op_profile", ROOT / "experiments" / "op_profile.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def f(a, b, xs):
+        def body(c, x):
+            return c + jnp.tanh(x @ b), None
+
+        return jax.lax.scan(body, a @ b, xs)[0]
+
+    a, b = jnp.ones((4, 8)), jnp.ones((8, 5))
+    text = jax.jit(f).lower(a, b, jnp.ones((3, 4, 8))).compile().as_text()
+    assert mod.dot_flops(text) == 4 * (2 * 4 * 8 * 5)
 
 
 def test_tile_probe_at_toy_size(tmp_path):

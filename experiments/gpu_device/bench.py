@@ -10,6 +10,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from bench import loss_and_grads  # experiments/bench.py: the fwd+bwd every benchmark here times
 from seqmix import ops
 from seqmix.ops import _registry
 from seqmix.ops import masks as M
@@ -39,8 +40,7 @@ def jax_candidate(fam, impl_name, args, kwargs, mode, smoke):
     def forward(*a):
         return fam.op(*a, **kwargs, impl=impl_name)
 
-    fn = forward if mode == "fwd" else jax.grad(lambda *a: forward(*a).astype(jnp.float32).sum(),
-                                                argnums=tuple(range(n)))
+    fn = forward if mode == "fwd" else loss_and_grads(forward, n)  # fla's rows run the forward too
 
     def make():
         compiled = jax.jit(fn).lower(*args).compile()
