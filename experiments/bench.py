@@ -10,6 +10,7 @@ Suite ``attention``: the attention family's implementations that run natively he
 Suite ``recurrent``: every recurrent family's chunked ``xla`` form against its token-loop ``reference``
 and against causal softmax attention (``xla``), forward and forward+backward.
 
+Forward+backward is what a training step runs: the value and gradient of ``sum(o)`` (:func:`loss_and_grads`).
 For every length and mode (forward, forward+backward) each implementation is compiled once; then the
 group's candidates and the roofline matmuls are timed in turns (``--repeats`` rounds, each running every
 candidate twice, untimed then timed, so a drift in the machine's speed hits them alike and each is timed with

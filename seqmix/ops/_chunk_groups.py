@@ -24,14 +24,23 @@ from pallas_kernels import _target
 Array = Any
 
 
+#: Fewer groups than this run as one. Two groups were no faster than one (interleaved, fwd+bwd as value and
+#: gradient, B·H = 4; ms one group / two): gla T = 1k 10.7 / 12.9, simple_gla 2k 18.2 / 19.1, gated delta
+#: rule 2k 55.1 / 52.1; four and more were (gla 2k 30.8 / 19.2 with four, simple_gla 4k 54.0 / 33.5).
+MIN_GROUPS = 3
+
+
 def plan(length: int, chunk: int, rows: int, row_tokens: int) -> tuple[int, int]:
     """``(tokens per group, groups)``: on CPU about ``row_tokens / rows`` tokens per group (at least one
-    chunk), balanced so that padding the last group costs less than one chunk per group. Other platforms get
-    one group: there the ``xla`` form is the fallback, and a sequential loop over groups is unmeasured."""
+    chunk), balanced so that padding the last group costs less than one chunk per group, and one group where
+    that would make fewer than :data:`MIN_GROUPS`. Other platforms get one group: there the ``xla`` form is
+    the fallback, and a sequential loop over groups is unmeasured."""
     n = -(-length // chunk)
     if _target.platform() != "cpu":
         return chunk * n, 1
     groups = -(-n // max(1, row_tokens // (rows * chunk)))
+    if groups < MIN_GROUPS:
+        return chunk * n, 1
     return chunk * -(-n // groups), groups
 
 

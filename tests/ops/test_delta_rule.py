@@ -335,3 +335,14 @@ def test_groups_of_chunks_match_the_reference(fam, monkeypatch):
     monkeypatch.setattr(_delta_chunk, "GROUP_ROW_TOKENS", 2 * 2 * 24)  # B·H = 4 rows: 24 tokens per group
     assert _chunk_groups.plan(85, 8, 4, _delta_chunk.GROUP_ROW_TOKENS) == (24, 4)
     compare(fam, ins, 8, seg, fresh=True)
+
+
+def test_group_plan(monkeypatch):
+    """Groups of about row_tokens / rows tokens, balanced; one group below MIN_GROUPS groups or off CPU."""
+    assert _chunk_groups.plan(85, 8, 4, 96) == (24, 4)  # 11 chunks in groups of 3: 4 groups, 1 chunk padding
+    assert _chunk_groups.plan(8192, 64, 4, 4096) == (1024, 8)
+    assert _chunk_groups.plan(1000, 64, 4, 4096) == (1024, 1)  # 16 chunks: one group
+    assert _chunk_groups.plan(2048, 64, 4, 4096) == (2048, 1)  # two groups would be: run as one
+    assert _chunk_groups.plan(3000, 64, 4, 4096) == (1024, 3)  # 47 chunks: 3 groups of 16 (one chunk padding)
+    monkeypatch.setattr(_chunk_groups._target, "platform", lambda: "tpu")
+    assert _chunk_groups.plan(8192, 64, 4, 4096) == (8192, 1)
