@@ -30,7 +30,8 @@ library call such as cuDNN; ``"mosaic_gpu"``: a Pallas kernel) or whose name sta
      ``pallas_gpu`` vs ``xla`` vs flash-linear-attention's Triton kernels through PyTorch (``fla``: the
      same arrays handed over by DLPack, in the same ``[B, T, H, D]`` layout, same log-space gates and
      scale); fla is checked against seqmix's reference on a small case after its warm-up (autotuning) at
-     the benchmark shape and before its timing (errors in the JSON, ``fla_checks``).
+     the benchmark shape and before its timing (errors in the JSON, ``fla_checks``); then, with the time
+     left, ``pallas_gpu@stages=1``: the same kernels without their TMA input ring (``common.VARIANTS``).
    Every row's first output is compared with ``xla``'s (``vs_xla_error``): the same function is timed.
    A spec'd implementation that is not registered gets rows saying "not registered"; GPU implementations
    registered later are added to their family's rows.

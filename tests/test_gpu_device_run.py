@@ -131,6 +131,7 @@ def test_benchmark_rows(run):
     gla = {r["impl"]: r["status"] for r in rows if r["family"] == "simple_gla"}
     assert gla["xla"] == "ok" and gla["fla"].startswith("skipped:")
     assert gla["pallas_gpu"] == "not registered" or gla["pallas_gpu"].startswith("skipped: ")
+    assert list(gla)[-1] == "pallas_gpu@stages=1" and gla["pallas_gpu@stages=1"] == gla["pallas_gpu"]  # after fla
     assert bench["fla_checks"]["simple_gla"]["status"].startswith("skipped:")
     table = (out / "gpu_bench.md").read_text()
     assert "| family | impl | shape | dtype | mask | mode | ms | TF/s |" in table
@@ -143,6 +144,21 @@ def test_no_gpu_without_smoke_is_refused(script, tmp_path):
         pytest.skip("a GPU is present: the full run would start")
     assert script.main(["--out", str(tmp_path)]) == 2
     assert not list(tmp_path.iterdir())
+
+
+def test_tile_variants_trace_under_their_tiles():
+    """A VARIANTS candidate's tiles hold while it is traced and compiled, and are restored after: the recurrent
+    kernels' input ring at depth 1 against the default 2."""
+    from gpu_device import bench as device_bench
+
+    from pallas_kernels.gpu import gated_linear as gl
+    from seqmix.ops.gpu import recurrent
+
+    default = gl.H100_TILES
+    assert default.stages == 2 and common.VARIANTS["pallas_gpu@stages=1"] == ("pallas_gpu", {"stages": 1})
+    with device_bench.gpu_tiles(stages=1):
+        assert recurrent._tiles(None) == dataclasses.replace(default, stages=1)
+    assert gl.H100_TILES is default and recurrent._tiles(None) is default
 
 
 def test_spec_implementations_are_named_once():

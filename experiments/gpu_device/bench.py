@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import statistics
 import time
 import traceback
@@ -17,14 +19,42 @@ from seqmix.ops import masks as M
 
 from .budget import Budget, Output, log
 from .cases import _mask, _normal
-from .common import (ATTENTION_SPEC, RECURRENT_SPEC, SMOKE_ATTENTION_SHAPE, SMOKE_RECURRENT_SHAPE, _short, gpu_impls,
-                     run_problem)
+from .common import (ATTENTION_SPEC, RECURRENT_SPEC, SMOKE_ATTENTION_SHAPE, SMOKE_RECURRENT_SHAPE, VARIANTS, _short,
+                     gpu_impls, run_problem)
 from .fla import fla_candidate, fla_check
 from .runner import Runner, errors_vs
 
 
+@contextlib.contextmanager
+def gpu_tiles(**change):
+    """The recurrent Mosaic GPU kernels' H100 tiles with ``change`` applied (``GLATiles`` fields) while the
+    block runs: what a :data:`VARIANTS` candidate is traced and compiled under."""
+    from pallas_kernels.gpu import gated_linear as gl
+
+    saved = gl.H100_TILES
+    gl.H100_TILES = dataclasses.replace(saved, **change)
+    try:
+        yield
+    finally:
+        gl.H100_TILES = saved
+
+
 def jax_candidate(fam, impl_name, args, kwargs, mode, smoke):
-    """(runner factory, describe) for a registry implementation, or a status string."""
+    """(runner factory, describe) for a registry implementation or a :data:`VARIANTS` candidate, or a status
+    string."""
+    if impl_name in VARIANTS:
+        base, change = VARIANTS[impl_name]
+        with gpu_tiles(**change):
+            got = jax_candidate(fam, base, args, kwargs, mode, smoke)
+        if isinstance(got, str):
+            return got
+        make, describe = got
+
+        def make_variant():
+            with gpu_tiles(**change):
+                return make()
+
+        return make_variant, describe
     if impl_name not in fam.implementations:
         return "not registered"
     impl = fam.implementations[impl_name]
@@ -75,7 +105,7 @@ def bench_group(output: Output, budget: Budget, deadline: float, *, family: str,
         make, describe = got
         if describe:
             rows[c]["describe"] = describe
-        need = fla_min_s if c == "fla" else 0.0
+        need = fla_min_s if c == "fla" or c in VARIANTS else 0.0  # optional rows start only with room left
         if budget.left(deadline) <= need:
             rows[c]["status"] = "skipped: time budget"
             continue
@@ -130,13 +160,13 @@ def bench_group(output: Output, budget: Budget, deadline: float, *, family: str,
     for c in candidates:
         row = rows[c]
         timing = f"{row['ms']:9.3f} ms {row['tflops']:7.3g} TF/s" if row.get("ms") else " " * 26
-        log(budget, f"  {family:16s} {mask:12s} {mode:8s} {c:12s} {timing}  {row['status'][:160]}")
+        log(budget, f"  {family:16s} {mask:12s} {mode:8s} {c:19s} {timing}  {row['status'][:160]}")
 
 
-def _candidates(fam_name: str, spec_impls, external=()) -> list[str]:
+def _candidates(fam_name: str, spec_impls, external=(), variants=()) -> list[str]:
     fam = ops.get_family(fam_name)
     extra = [n for n in gpu_impls(fam) if n not in spec_impls]  # kernels registered after this script
-    return list(spec_impls) + extra + list(external)
+    return list(spec_impls) + extra + list(external) + list(variants)
 
 
 def run_attention_bench(output: Output, budget: Budget, deadline: float, opts) -> None:
@@ -199,7 +229,8 @@ def run_recurrent_bench(output: Output, budget: Budget, deadline: float, opts) -
             flops = _registry.with_backward(flops_fwd) if mode == "fwd+bwd" else flops_fwd
             bench_group(output, budget, deadline, family=family, shape=shape, dtype=spec["dtype"], mask="causal",
                         mode=mode, args=args, kwargs=kwargs, flops=flops,
-                        candidates=_candidates(family, spec["impls"], spec["external"]), reps=opts.reps,
+                        candidates=_candidates(family, spec["impls"], spec["external"], spec["variants"]),
+                        reps=opts.reps,
                         warmup=opts.warmup, cap_s=opts.cap_s, min_group_s=opts.min_group_s, fla_min_s=opts.fla_min_s,
                         smoke=opts.cpu_smoke, after_warmup=check)
         if family not in output.fla_checks and "fla" in spec["external"]:

@@ -18,7 +18,13 @@ ATTENTION_SPEC = dict(family="attention", shape=(2, 8192, 16, 128), dtype=BF16,
                       masks=("causal", "full", "window:4096"), modes=("fwd", "fwd+bwd"),
                       impls=("pallas_gpu", "cudnn", "xla"))
 RECURRENT_SPEC = dict(families=("simple_gla", "gla", "gated_delta_rule"), shape=(4, 8192, 16, 128), dtype=BF16,
-                      modes=("fwd+bwd",), impls=("pallas_gpu", "xla"), external=("fla",))
+                      modes=("fwd+bwd",), impls=("pallas_gpu", "xla"), external=("fla",),
+                      variants=("pallas_gpu@stages=1",))
+# A/B candidates: a registry implementation rerun with one tile setting of the recurrent Mosaic GPU kernels
+# changed (pallas_kernels.gpu.gated_linear.GLATiles, which the delta-rule kernels share). "stages=1": the
+# chunk loop without its input ring (load, then compute) against the default 2 (pallas_kernels.gpu.chunk_loop).
+# Timed last in their group, after fla, so that they only take time the required rows left.
+VARIANTS = {"pallas_gpu@stages=1": ("pallas_gpu", {"stages": 1})}
 SMOKE_ATTENTION_SHAPE = (1, 64, 2, 16)
 SMOKE_RECURRENT_SHAPE = (1, 80, 2, 16)
 

@@ -96,7 +96,7 @@ def _supports(call: RecurrentCall) -> str | None:
 def _describe(call: RecurrentCall) -> str:
     cfg = _config(call)
     return (f"pallas_kernels.gpu.gated_linear (seqmix_gla_fwd/bwd, {_where(cfg.interpret)}): chunk={cfg.tiles.chunk}, "
-            f"block_dv={cfg.tiles.block_dv}, gate={cfg.gate}")
+            f"block_dv={cfg.tiles.block_dv}, input ring stages={cfg.tiles.stages}, gate={cfg.gate}")
 
 
 def device_case(call: RecurrentCall) -> str:
@@ -142,7 +142,7 @@ def _describe_delta(call: RecurrentCall) -> str:
     cfg = _delta_config(call)
     return (f"WY operands in XLA (seqmix.ops._delta_chunk.kernel_operands), state pass "
             f"pallas_kernels.gpu.delta_rule (seqmix_delta_fwd/bwd, {_where(cfg.interpret)}): chunk={cfg.tiles.chunk}, "
-            f"block_dv={cfg.tiles.block_dv}")
+            f"block_dv={cfg.tiles.block_dv}, input ring stages={cfg.tiles.stages}")
 
 
 def delta() -> _registry.Implementation:
