@@ -46,6 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import bench  # noqa: E402
 from seqmix import ops  # noqa: E402
+from seqmix.parallel.hlo import executed_lines  # noqa: E402
 
 CONTROL_FLOW = ("while", "conditional", "call")
 
@@ -67,51 +68,24 @@ def instructions(hlo_text: str) -> dict[str, dict]:
 
 
 def dot_flops(hlo_text: str) -> float:
-    """FLOPs of every dot the compiled program runs (``2·K`` per output element, K the contracted size): a dot
-    inside a while body counts once per iteration (XLA's ``known_trip_count``), one inside a fusion or call
-    once per use of it, and a conditional counts its costliest branch. What the program computes in matmuls,
-    to set beside the family record's useful count."""
-    comps: dict[str, list[str]] = {}
-    shapes: dict[str, list[int]] = {}
-    current = None
-    for line in hlo_text.splitlines():
-        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-        if head and not line.startswith(" "):
-            current = comps.setdefault(head.group(1), [])
-            continue
-        inst = re.match(r"^\s+(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]", line)
+    """FLOPs of every dot the compiled program runs (``2·K`` per output element, K the contracted size), each
+    as many times as it runs (:func:`seqmix.parallel.hlo.executed_lines`: a while body per iteration; a
+    conditional's branches all count, an upper bound). What the program computes in matmuls, to set beside
+    the family record's useful count."""
+    lines, _ = executed_lines(hlo_text)
+    shapes = {}
+    for line, _ in lines:
+        inst = re.match(r"^\s+(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]", line)
         if inst:
-            shapes[inst.group(1)] = [int(x) for x in inst.group(3).split(",") if x]
-        if current is not None and line.startswith(" "):
-            current.append(line)
-    memo: dict[str, float] = {}
-
-    def total(comp: str) -> float:
-        if comp in memo:
-            return memo[comp]
-        memo[comp] = 0.0  # a cycle (none in HLO) would count nothing
-        flops = 0.0
-        for line in comps.get(comp, []):
-            dot = re.match(r"^\s+(?:ROOT )?%[\w.\-]+ = \w+\[([\d,]*)\][^ ]* dot\(%([\w.\-]+), .*"
-                           r"lhs_contracting_dims=\{([\d,]*)\}", line)
-            if dot:
-                out = [int(x) for x in dot.group(1).split(",") if x]
-                k = 1
-                for d in dot.group(3).split(","):
-                    k *= shapes[dot.group(2)][int(d)] if d else 1
-                flops += 2.0 * k * float(np.prod(out))
-            branches = re.search(r"branch_computations=\{([^}]*)\}", line)
-            if branches:
-                flops += max(total(b.strip().lstrip("%")) for b in branches.group(1).split(","))
-                continue
-            trips = re.search(r'known_trip_count":\{"n":"(\d+)"', line)
-            for callee in re.findall(r"(?:calls|to_apply|body)=%?([\w.\-]+)", line):
-                flops += (int(trips.group(1)) if trips and " while(" in line else 1) * total(callee)
-        memo[comp] = flops
-        return flops
-
-    entry = re.search(r"^ENTRY %?([\w.\-]+)", hlo_text, re.M)
-    return total(entry.group(1)) if entry else 0.0
+            shapes[inst.group(1)] = [int(x) for x in inst.group(2).split(",") if x]
+    flops = 0.0
+    for line, times in lines:
+        dot = re.match(r"^\s+(?:ROOT )?%[\w.\-]+ = \w+\[([\d,]*)\][^ ]* dot\(%([\w.\-]+), .*"
+                       r"lhs_contracting_dims=\{([\d,]*)\}", line)
+        if dot:
+            k = np.prod([shapes[dot.group(2)][int(d)] for d in dot.group(3).split(",") if d])
+            flops += times * 2.0 * float(k) * float(np.prod([int(x) for x in dot.group(1).split(",") if x]))
+    return flops
 
 
 def thunk_times(compiled, args, repeats: int) -> dict[str, float]:

@@ -273,7 +273,7 @@ def _scores(cfg: FlashConfig, s):
     return t * (cfg.soft_cap * LOG2E), t
 
 
-def _mask(cfg: FlashConfig, lane: "_Lane", s, kind, rows_ref, cols_ref, transposed: bool):
+def _mask(cfg: FlashConfig, lane: _Lane, s, kind, rows_ref, cols_ref, transposed: bool):
     """``where(pair_fn(...), s, -inf)`` on PARTIAL blocks (a ``cond``: FULL blocks skip the predicate).
 
     ``rows_ref`` / ``cols_ref``: SMEM coordinates ``[COORD_ROWS, n]`` (pos, rel, seg) of the tile's rows /

@@ -137,7 +137,7 @@ def _normalized(call: RecurrentCall, o):
     """Divide by the normalizer column (the call's ``post`` with ``normalize=True``; fp32).
 
     On rows ``[B·T·H, Dv + 1]``: the gradient's reduction over Dv ran 16× slower on ``[1, T, H, Dv]`` (XLA:CPU
-    with jax 0.10.2 and a size-1 batch axis; 27 → 1.7 ms at T = 8192, H = 4, see ``_gated_chunk._chunks``)."""
+    with jax 0.10.2 and a size-1 batch axis; 27 → 1.7 ms at T = 8192, H = 4, see ``_recurrent.to_chunks``)."""
     rows = o.reshape(-1, o.shape[-1])
     out = rows[:, :-1] / (rows[:, -1:] + call.option("eps"))
     return out.reshape(o.shape[:-1] + (o.shape[-1] - 1,))

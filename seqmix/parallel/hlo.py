@@ -1,7 +1,8 @@
 """Collectives of a compiled program, read from its HLO text: how many run and how many bytes each device sends.
 
-``collective_stats(compiled)`` walks the HLO module from its entry computation, multiplying by the
-known trip count of every ``while`` loop (``lax.scan`` lowers to one), and for each collective
+``collective_stats(compiled)`` walks the HLO module from its entry computation (:func:`executed_lines`,
+which ``experiments/op_profile.py`` also counts dots with), multiplying by the known trip count of every
+``while`` loop (``lax.scan`` lowers to one), and for each collective
 instruction (async ``-start`` forms counted once, ``-done`` ignored) takes its operand bytes and the
 size ``G`` of its replica groups. Bytes *sent* per device, per execution (ring / bandwidth-optimal
 algorithms):
@@ -139,8 +140,11 @@ def _trip_from_condition(comps, line: str) -> int | None:
     return None
 
 
-def collective_stats(hlo, num_devices: int) -> CollectiveStats:
-    """Collectives of ``hlo`` (HLO text, or an object with ``as_text()``, e.g. a compiled executable)."""
+def executed_lines(hlo) -> tuple[list[tuple[str, int]], int]:
+    """Every instruction line of the computations a run of ``hlo`` (HLO text, or an object with
+    ``as_text()``) executes, with how many times it runs: from the entry computation through calls, fusions
+    and conditional branches (each counted as if it ran), a ``while`` body counted its known trip count
+    times. Returns ``(lines, while loops without a known trip count: counted once)``."""
     text = hlo if isinstance(hlo, str) else hlo.as_text()
     comps: dict[str, list[str]] = {}
     entry, current = None, None
@@ -159,8 +163,7 @@ def collective_stats(hlo, num_devices: int) -> CollectiveStats:
                 comps[current].append(line)
     if entry is None:
         raise ValueError("no ENTRY computation found in the HLO text")
-    count: dict[str, int] = defaultdict(int)
-    sent: dict[str, float] = defaultdict(float)
+    out: list[tuple[str, int]] = []
     unknown = 0
 
     def walk(name: str, mult: int, stack: tuple):
@@ -171,13 +174,8 @@ def collective_stats(hlo, num_devices: int) -> CollectiveStats:
             m = _INSTR.search(line)
             if not m:
                 continue
+            out.append((line, mult))
             op = m.group("op")
-            kind = _kind(op)
-            if kind is not None:
-                group = _group_size(line, num_devices)
-                operand = _operand_bytes(kind, op, m.group("type"), m.group("args"), group)
-                count[kind] += mult
-                sent[kind] += mult * _bytes_sent(kind, line, operand, num_devices)
             inner = mult
             if op == "while":
                 trip = _TRIP.search(line)
@@ -196,4 +194,21 @@ def collective_stats(hlo, num_devices: int) -> CollectiveStats:
                 walk(callee, inner, stack + (name,))
 
     walk(entry, 1, ())
+    return out, unknown
+
+
+def collective_stats(hlo, num_devices: int) -> CollectiveStats:
+    """Collectives of ``hlo`` (HLO text, or an object with ``as_text()``, e.g. a compiled executable)."""
+    lines, unknown = executed_lines(hlo)
+    count: dict[str, int] = defaultdict(int)
+    sent: dict[str, float] = defaultdict(float)
+    for line, mult in lines:
+        m = _INSTR.search(line)
+        op = m.group("op")
+        kind = _kind(op)
+        if kind is not None:
+            group = _group_size(line, num_devices)
+            operand = _operand_bytes(kind, op, m.group("type"), m.group("args"), group)
+            count[kind] += mult
+            sent[kind] += mult * _bytes_sent(kind, line, operand, num_devices)
     return CollectiveStats(dict(count), dict(sent), unknown)
