@@ -168,3 +168,17 @@ def test_parallel_bench_at_toy_size(tmp_path):
     assert set(rows) == {"lasp2:simple_gla", "lasp1:simple_gla"}
     assert rows["lasp1:simple_gla"]["fwd_bytes"] == rows["lasp1:simple_gla"]["formula_fwd_bytes"] > 0
     assert rows["lasp2:simple_gla"]["fwd_collectives"] == {"all-gather": 1}
+
+
+@pytest.mark.slow  # two worker processes start JAX
+def test_revision_ab_times_both_arms_on_the_same_inputs(tmp_path):
+    out = tmp_path / "ab.json"
+    proc = _run_script("revision_ab.py", "--base", "HEAD", "--rounds", "2", "--only", "simple_gla xla fwd T=1024",
+                       "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["family"], r["impl"], r["mode"], r["T"]) for r in rows] == [("simple_gla", "xla", "fwd", 1024)]
+    (row,) = rows
+    assert len(row["base_seconds"]) == len(row["head_seconds"]) == 2
+    assert row["head_over_base"] == row["head_best"] / row["base_best"] > 0
+    assert "| simple_gla xla fwd T=1024 |" in proc.stdout

@@ -40,7 +40,8 @@ fp32 ``wgmma`` accumulators, state and its cotangent in fp32 registers; ``V_new`
 to the operand dtype for the next ``wgmma`` (as ``P`` is in the gated-linear kernel). fp32 inputs run in
 the interpreter only (the fp32 / tf32 ``wgmma`` wants K-major operands on hardware).
 
-Kernels are synchronous (TMA -> wait -> compute; no producer warpgroup or multi-stage ring yet).
+The sequential kernels' inputs load ``GLATiles.stages − 1`` chunks ahead into a ring of SMEM slots
+(:func:`pallas_kernels.gpu.chunk_loop.run_chunks`); there is no separate producer warpgroup.
 """
 
 from __future__ import annotations

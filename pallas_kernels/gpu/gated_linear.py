@@ -77,7 +77,8 @@ the wrapper, so ``g = -inf`` is a hard reset. Only differences ≤ 0 are exponen
 the interpreter (exact fp32 products there); on hardware the f32 (tf32) ``wgmma`` accepts K-major operands
 only, so fp32 is not a compile target of this kernel (bf16 / fp16 are).
 
-Kernels are synchronous (TMA -> wait -> compute, no producer warpgroup / multi-stage ring yet).
+The sequential kernels' inputs load ``GLATiles.stages − 1`` chunks ahead into a ring of SMEM slots
+(:func:`pallas_kernels.gpu.chunk_loop.run_chunks`); there is no separate producer warpgroup.
 """
 
 from __future__ import annotations

@@ -196,13 +196,13 @@ def _masked_sum(x, mask, transpose: bool):
                       precision=jax.lax.Precision.HIGHEST)
 
 
-def _split(cfg: ChunkConfig, q, k, v, g, resets) -> _Chunked:
+def _split(cfg: ChunkConfig, q, k, v, g, resets, big_g=None) -> _Chunked:
+    """The chunk layout; ``big_g``, when given, is the chunk-local gate cumsum the forward already formed."""
     c = cfg.chunk
     n = -(-cfg.length // c)
     cdt = q.dtype
     qc, kc, vc = to_chunks(q, c, n), to_chunks(k, c, n), to_chunks(v, c, n).astype(cdt)
-    big_g = None
-    if g is not None:
+    if g is not None and big_g is None:
         causal = jnp.arange(c)[:, None] >= jnp.arange(c)[None, :]
         big_g = _masked_sum(to_chunks(g.astype(F32), c, n), causal, transpose=False)
     seg = None
@@ -446,6 +446,10 @@ def _scores(cfg: ChunkConfig, x: _Chunked, f: _Factors):
 
 
 def _forward(cfg: ChunkConfig, q, k, v, g, h0, resets):
+    """o, the final state and, for scalar gates, the chunk-local gate cumsum ``[Z, N, C]`` (a residual: when
+    the backward formed it again, XLA:CPU did not always merge the two, nor then anything computed from it;
+    retention T = 2k fwd+bwd ran one more C×C dot per chunk, +15%). Per-channel cumsums, as large as k, are
+    formed again."""
     x = _split(cfg, q, k, v, g, resets)
     f = _factors(cfg, x)
     cdt = x.q.dtype
@@ -455,7 +459,8 @@ def _forward(cfg: ChunkConfig, q, k, v, g, h0, resets):
     p = _scores(cfg, x, f)
     o = o + _dot("znij,znje->znie", p.astype(cdt), x.v)
     heads = q.shape[2]
-    return from_chunks(o, cfg.length, heads) * cfg.scale, by_head(s_final, heads)
+    return from_chunks(o, cfg.length, heads) * cfg.scale, by_head(s_final, heads), \
+        x.G if cfg.gate == "scalar" else None
 
 
 def _chunk_reverse_cumsum(x, seg, ok, tail):
@@ -486,9 +491,9 @@ def _chunk_reverse_cumsum(x, seg, ok, tail):
 
 
 def _backward(cfg: ChunkConfig, res, cts):
-    q, k, v, g, h0, resets, s_final = res
+    q, k, v, g, h0, resets, s_final, big_g = res
     do, dsf = cts
-    x = _split(cfg, q, k, v, g, resets)
+    x = _split(cfg, q, k, v, g, resets, big_g)
     f = _factors(cfg, x)
     cdt = x.q.dtype
     n, heads = x.q.shape[1], q.shape[2]
@@ -549,32 +554,31 @@ def _one_group(cfg: ChunkConfig) -> ChunkConfig:
 
 
 def _grouped_forward(cfg: ChunkConfig, q, k, v, g, h0, resets):
-    """o, the final state and what the backward needs beyond the inputs (None for one group):
-    :mod:`seqmix.ops._chunk_groups`."""
+    """o, the final state and what the backward needs beyond the inputs: :func:`_forward`'s residual for
+    one group, the groups' (:mod:`seqmix.ops._chunk_groups`) for several."""
     if cfg.groups == 1:
-        o, s_final = _forward(cfg, q, k, v, g, h0, resets)
-        return o, s_final, None
+        return _forward(cfg, q, k, v, g, h0, resets)
     sub = _one_group(cfg)
     b, _, h, dk = q.shape
     s0 = jnp.zeros((b, h, dk, v.shape[-1]), F32) if h0 is None else h0.astype(F32)
 
     def step(xs, state):
         qi, ki, vi, gi, ri = xs
-        return _forward(sub, qi, ki, vi, gi, state, ri) + (None,)
+        return _forward(sub, qi, ki, vi, gi, state, ri)
 
     return _chunk_groups.forward(step, (q, k, v, g, resets), s0, cfg.group, cfg.groups)
 
 
 def _grouped_backward(cfg: ChunkConfig, res, cts):
     q, k, v, g, h0, resets, s_final, saved = res
-    if saved is None:
-        return _backward(cfg, (q, k, v, g, h0, resets, s_final), cts)
+    if cfg.groups == 1:
+        return _backward(cfg, (q, k, v, g, h0, resets, s_final, saved), cts)
     do, dsf = cts
     sub = _one_group(cfg)
 
-    def step(xs, doi, start, end, _, ds_end):
+    def step(xs, doi, start, end, big_g, ds_end):
         qi, ki, vi, gi, ri = xs
-        dq, dk, dv, dg, ds_start, _ = _backward(sub, (qi, ki, vi, gi, start, ri, end), (doi, ds_end))
+        dq, dk, dv, dg, ds_start, _ = _backward(sub, (qi, ki, vi, gi, start, ri, end, big_g), (doi, ds_end))
         return (dq, dk, dv, dg, None), ds_start
 
     (dq, dk, dv, dg, _), ds0 = _chunk_groups.backward(step, (q, k, v, g, resets), do, saved, dsf.astype(F32),
