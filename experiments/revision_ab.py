@@ -8,6 +8,11 @@ neighbour evicted) and timed: over enough calls to last :data:`MIN_TIMED_SECONDS
 mean per call; the table gives each arm's best request, and the ratio of the two arms' medians. Every arm builds its inputs itself; the parent checks that both built
 the same ones (a digest of the arrays) and refuses the comparison otherwise.
 
+Each worker also reports a digest of the compiled program without its metadata
+(:func:`program_digest`): where both revisions compiled the same program, a difference in time is this
+machine's, not the code's, which calibrates the rest (a long token loop measured up to 1.17× apart on
+identical programs here).
+
 Cases are ``experiments/bench.py``'s: fp32, B = 1, H = 4, D = 64; ``fwd`` is the op, ``fwd+bwd`` the
 value and gradient of ``sum(o)`` in every array argument (``bench.loss_and_grads``). The default list
 is every (implementation, length) that the tables in docs/RESULTS.md listed when issue 11 was filed
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -58,6 +64,14 @@ def case_name(c: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- worker
+def program_digest(hlo_text: str) -> str:
+    """A digest of a compiled program's HLO text without its metadata (source files, lines, op names, stack
+    frames): equal digests mean both revisions compiled the same program, whatever the two times say."""
+    body = re.sub(r"^(FileNames|FunctionNames|FileLocations|StackFrames)\n(\d+ .*\n)*", "", hlo_text, flags=re.M)
+    body = re.sub(r", metadata=\{[^}]*\}|, stack_frame_id=\d+", "", body)
+    return hashlib.sha1(body.encode()).hexdigest()[:12]
+
+
 def _serve(tree: str) -> None:
     """Answer one JSON request per stdin line with one JSON line: compile (once) and time a case."""
     sys.path.insert(0, tree)
@@ -91,21 +105,23 @@ def _serve(tree: str) -> None:
         args = arrays[:n]
         g = f if c["mode"] == "fwd" else jax.value_and_grad(
             lambda *a: f(*a).astype(jnp.float32).sum(), argnums=tuple(range(n)))
-        return jax.jit(g).lower(*args).compile(), args, digest
+        compiled = jax.jit(g).lower(*args).compile()
+        return compiled, args, digest, program_digest(compiled.as_text())
 
     for line in sys.stdin:
         c = json.loads(line)
         key = json.dumps(c, sort_keys=True)
         if key not in compiled:
             compiled[key] = build(c)
-        fn, args, digest = compiled[key]
+        fn, args, digest, program = compiled[key]
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         calls = max(1, min(20, int(MIN_TIMED_SECONDS / (time.perf_counter() - t0))))
         t0 = time.perf_counter()
         for _ in range(calls):
             jax.block_until_ready(fn(*args))
-        print(json.dumps(dict(seconds=(time.perf_counter() - t0) / calls, digest=digest)), flush=True)
+        print(json.dumps(dict(seconds=(time.perf_counter() - t0) / calls, digest=digest, program=program)),
+              flush=True)
 
 
 class Arm:
@@ -141,6 +157,7 @@ def _export(rev: str, dest: Path) -> Path:
 
 def compare(cases, base: Arm, head: Arm, rounds: int) -> list[dict]:
     times = {case_name(c): {base.name: [], head.name: []} for c in cases}
+    same = {}
     for r in range(rounds):
         for i, c in enumerate(cases):
             arms = (base, head) if (r + i) % 2 == 0 else (head, base)
@@ -149,6 +166,7 @@ def compare(cases, base: Arm, head: Arm, rounds: int) -> list[dict]:
                 raise RuntimeError(f"{case_name(c)}: the two revisions built different inputs")
             for a in arms:
                 times[case_name(c)][a.name].append(got[a.name]["seconds"])
+            same[case_name(c)] = got[base.name]["program"] == got[head.name]["program"]
             t = times[case_name(c)]
             print(f"round {r + 1}/{rounds} {case_name(c)}: base {t[base.name][-1] * 1e3:.1f} ms, "
                   f"head {t[head.name][-1] * 1e3:.1f} ms", file=sys.stderr, flush=True)
@@ -160,15 +178,17 @@ def compare(cases, base: Arm, head: Arm, rounds: int) -> list[dict]:
         rows.append(dict(c, **SHAPE, base_seconds=t[base.name], head_seconds=t[head.name],
                          base_best=best[base.name], head_best=best[head.name],
                          head_over_base=best[head.name] / best[base.name],
-                         median_head_over_base=median[head.name] / median[base.name]))
+                         median_head_over_base=median[head.name] / median[base.name],
+                         same_program=same[case_name(c)]))
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | base ms | head ms | head / base | of medians |", "|---|---|---|---|---|"]
+    lines = ["| case | base ms | head ms | head / base | of medians | same program |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {case_name(r)} | {r['base_best'] * 1e3:.1f} | {r['head_best'] * 1e3:.1f} | "
-                     f"{r['head_over_base']:.2f} | {r['median_head_over_base']:.2f} |")
+                     f"{r['head_over_base']:.2f} | {r['median_head_over_base']:.2f} | "
+                     f"{'yes' if r['same_program'] else 'no'} |")
     return "\n".join(lines)
 
 

@@ -181,4 +181,5 @@ def test_revision_ab_times_both_arms_on_the_same_inputs(tmp_path):
     (row,) = rows
     assert len(row["base_seconds"]) == len(row["head_seconds"]) == 2
     assert row["head_over_base"] == row["head_best"] / row["base_best"] > 0
+    assert row["same_program"]  # HEAD against this tree: simple_gla's forward is the same compiled program
     assert "| simple_gla xla fwd T=1024 |" in proc.stdout

@@ -41,8 +41,8 @@ incoming state only when the chunk has no reset. Lengths are zero-padded to a mu
 Groups: on CPU, inputs longer than about ``GROUP_ROW_TOKENS`` tokens × rows run everything here group by
 group, with the state carried between groups (:mod:`seqmix.ops._chunk_groups`).
 
-Backward: a ``jax.custom_vjp``. The residuals are the inputs and the final state only (no per-token state,
-no per-chunk state): the backward recomputes the chunk-start states with the same cheap state pass, runs the
+Backward: a ``jax.custom_vjp``. The residuals are the inputs and the final state (plus, for scalar gates,
+their ``[Z, N, C]`` chunk-local cumsum), no per-token or per-chunk state: the backward recomputes the chunk-start states with the same cheap state pass, runs the
 reverse state pass ``dS_[n-1] = Diag(exp(G_C)) dS_[n] + (Q ⊙ exp(G))ᵀ dO`` and the chunk backward of §2.6 in
 parallel over chunks. The gate gradient uses the closed form
 
