@@ -5,8 +5,9 @@ the two never share a module; the parent asks them for one case at a time, alter
 from round to round, so a drift in this machine's speed (up to 1.5× between runs here) hits both arms
 alike. A worker compiles each case once, then per request runs it untimed (refilling the caches its
 neighbour evicted) and timed: over enough calls to last :data:`MIN_TIMED_SECONDS` (at most 20), their
-mean per call; the table gives each arm's best request, and the ratio of the two arms' medians. Every arm builds its inputs itself; the parent checks that both built
-the same ones (a digest of the arrays) and refuses the comparison otherwise.
+mean per call; the table gives each arm's best request, and the ratio of the two arms' medians. Every arm
+builds its inputs itself; the parent checks that both built the same ones (a digest of the arrays) and
+refuses the comparison otherwise.
 
 Each worker also reports a digest of the compiled program without its metadata
 (:func:`program_digest`): where both revisions compiled the same program, a difference in time is this
@@ -84,36 +85,37 @@ def _serve(tree: str) -> None:
 
     if not Path(ops.__file__).resolve().is_relative_to(Path(tree).resolve()):
         raise SystemExit(f"seqmix came from {ops.__file__}, not from {tree}")
-    compiled = {}
+    cache = {}
 
+    # Inputs and fwd+bwd are built here rather than imported from experiments/bench.py (its
+    # recurrent_inputs and loss_and_grads): bench.py imports this revision's seqmix APIs, which an older
+    # base tree may lack; these calls exist in both.
     def build(c):
         b, h, d, t = SHAPE["B"], SHAPE["H"], SHAPE["D"], c["T"]
         if c["family"] == "attention":
             mask = M.Causal() if c["mask"] == "causal" else M.LocalWindow(int(c["mask"].split(":")[1]))
-            arrays = tuple(jax.random.normal(k, (b, t, h, d), jnp.float32)
-                           for k in jax.random.split(jax.random.PRNGKey(t), 3))
-            f, n = (lambda q, k, v: ops.attention(q, k, v, mask=mask, impl=c["impl"])), 3
+            args = tuple(jax.random.normal(k, (b, t, h, d), jnp.float32)
+                         for k in jax.random.split(jax.random.PRNGKey(t), 3))
+            f, closed_over = (lambda q, k, v: ops.attention(q, k, v, mask=mask, impl=c["impl"])), ()
         else:
             fam = ops.get_family(c["family"])
             inputs = fam.make_inputs(fam, jax.random.PRNGKey(t), batch=b, seq=t, heads=h, dk=d, dv=d,
                                      dtype=jnp.float32, initial_state=False)
             kwargs = {**inputs.arrays, **inputs.options}
-            arrays, n = tuple(inputs.args), len(inputs.args)
+            args, closed_over = tuple(inputs.args), tuple(inputs.arrays.values())
             f = lambda *a: fam.op(*a, impl=c["impl"], **kwargs)  # noqa: E731
-            arrays = arrays + tuple(v for v in inputs.arrays.values())  # only for the digest
-        digest = hashlib.sha1(b"".join(np.asarray(a).tobytes() for a in arrays)).hexdigest()[:12]
-        args = arrays[:n]
+        digest = hashlib.sha1(b"".join(np.asarray(a).tobytes() for a in args + closed_over)).hexdigest()[:12]
         g = f if c["mode"] == "fwd" else jax.value_and_grad(
-            lambda *a: f(*a).astype(jnp.float32).sum(), argnums=tuple(range(n)))
+            lambda *a: f(*a).astype(jnp.float32).sum(), argnums=tuple(range(len(args))))
         compiled = jax.jit(g).lower(*args).compile()
         return compiled, args, digest, program_digest(compiled.as_text())
 
     for line in sys.stdin:
         c = json.loads(line)
         key = json.dumps(c, sort_keys=True)
-        if key not in compiled:
-            compiled[key] = build(c)
-        fn, args, digest, program = compiled[key]
+        if key not in cache:
+            cache[key] = build(c)
+        fn, args, digest, program = cache[key]
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         calls = max(1, min(20, int(MIN_TIMED_SECONDS / (time.perf_counter() - t0))))

@@ -42,9 +42,10 @@ Groups: on CPU, inputs longer than about ``GROUP_ROW_TOKENS`` tokens × rows run
 group, with the state carried between groups (:mod:`seqmix.ops._chunk_groups`).
 
 Backward: a ``jax.custom_vjp``. The residuals are the inputs and the final state (plus, for scalar gates,
-their ``[Z, N, C]`` chunk-local cumsum), no per-token or per-chunk state: the backward recomputes the chunk-start states with the same cheap state pass, runs the
-reverse state pass ``dS_[n-1] = Diag(exp(G_C)) dS_[n] + (Q ⊙ exp(G))ᵀ dO`` and the chunk backward of §2.6 in
-parallel over chunks. The gate gradient uses the closed form
+their ``[Z, N, C]`` chunk-local cumsum), no per-token or per-chunk state: the backward recomputes the
+chunk-start states with the same cheap state pass, runs the reverse state pass
+``dS_[n-1] = Diag(exp(G_C)) dS_[n] + (Q ⊙ exp(G))ᵀ dO`` and the chunk backward of §2.6 in parallel over
+chunks. The gate gradient uses the closed form
 
     d log b_t = q_t ⊙ dq_t − k_t ⊙ dk_t   (+ Σ_v S_T ⊙ dS_T at the row's last token)
     d g_t     = Σ_{i ≥ t, same segment} d log b_i         (fp32 segmented reverse cumsum)
