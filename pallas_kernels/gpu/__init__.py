@@ -1,6 +1,7 @@
 """Mosaic GPU kernels (Hopper, sm_90a) and the H100 target description for ahead-of-time compiles
 (DESIGN.md §2, docs/GPU.md): ``flash_attention`` (block-sparse flash attention, forward / dq / dkv),
-``gated_linear`` (the chunked gated-linear recurrence), ``delta_rule`` (the delta rule's state pass) and
+``gated_linear`` (the chunked gated-linear recurrence), ``delta_wy`` and ``delta_rule`` (the delta rule's
+chunk-parallel WY part and its state pass) and
 ``aot`` (compiles for an H100 on a CPU host with ptxas).
 
 :func:`available` is the backend's availability check, as for TPU.

@@ -3,8 +3,7 @@
 DeltaNet / Gated DeltaNet (FAMILIES.md §2.7) in the chunked WY form splits into a chunk-parallel part and a
 sequential one. The chunk-parallel part (per chunk of C tokens: ``A = tril(diag(β)(K Kᵀ ⊙ Γ), −1)``,
 ``T = (I + A)⁻¹`` as matmuls, ``U = T(β ⊙ V)``, ``W = T(β ⊙ exp(G) ⊙ K)``, the intra-chunk scores) is
-batched matmuls that the caller forms (``seqmix.ops._delta_chunk.kernel_operands``: XLA on the GPU). This
-module is the sequential part, with every gate, β and segment factor already folded into its operands::
+:mod:`pallas_kernels.gpu.delta_wy`, one CTA per chunk. This module is the sequential part, with every gate, β and segment factor already folded into its operands::
 
     V_new = U − W S,     O = Qg S + P V_new,     S ← a ⊙_rows S + Kdᵀ V_new
 

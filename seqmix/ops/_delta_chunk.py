@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.gate_math import bounded_log_gate
+from pallas_kernels.gpu.delta_wy import StatePassOperands
 from seqmix.ops import _checks, _chunk_groups
 from seqmix.ops._recurrent import by_head, from_chunks, resets_to_chunks, rows, to_chunks
 
@@ -375,23 +376,11 @@ def xla_impl(call):
 # ----------------------------------------------------------------------------- operands of a state-pass kernel
 
 
-class KernelOperands(NamedTuple):
-    """The state pass with every gate, β and segment factor folded in (``pallas_kernels.gpu.delta_rule``):
-    per chunk ``V_new = U − W S``, ``O = Qg S + P V_new``, ``S ← a ⊙_rows S + Kdᵀ V_new``. Kernel layout
-    ``[B, H, Tp, ·]`` fp32, ``Tp = N·C``."""
-
-    qg: Array  # [B, H, Tp, Dk] scale · Q ⊙ exp(G), zero after the chunk's first reset
-    p: Array  # [B, H, Tp, C] scale · (Q Kᵀ ⊙ Γ), chunk n's C×C block in rows n·C …
-    kd: Array  # [B, H, Tp, Dk] K ⊙ exp(G_C − G), zero before the chunk's last reset
-    u: Array  # [B, H, Tp, Dv] T (β ⊙ V)
-    w: Array  # [B, H, Tp, Dk] T (β ⊙ exp(G) ⊙ K)
-    a: Array  # [B, H, N, Dk] exp(G_C) per state row, 0 for a chunk with a reset
-
-
-def kernel_operands(q, k, v, beta, g=None, resets=None, *, scale: float, chunk: int) -> KernelOperands:
+def kernel_operands(q, k, v, beta, g=None, resets=None, *, scale: float, chunk: int) -> StatePassOperands:
     """The chunk-parallel part of the WY form for a state-pass kernel: the same :func:`_setup` as the
     ``xla`` form (gates, ``A``, the triangular inverse as matmuls, ``U``, ``W``) at chunk ``chunk``, in
-    plain jnp and differentiated by JAX. API-layout inputs as :func:`chunk_delta`; T is zero padded to
+    plain jnp and differentiated by JAX: the reference that ``pallas_kernels.gpu.delta_wy`` (the Mosaic GPU
+    kernel of the same operands) is tested against. API-layout inputs as :func:`chunk_delta`; T is zero padded to
     a whole number of chunks (padding tokens have β = 0, g = 0 and leave the state unchanged)."""
     beta, g, _, resets = _defaults(q, v, beta, g, None, resets)
     t = q.shape[1]
@@ -403,7 +392,7 @@ def kernel_operands(q, k, v, beta, g=None, resets=None, *, scale: float, chunk: 
     flat = lambda x: by_head(x.reshape((x.shape[0], -1) + x.shape[3:]), h)  # noqa: E731 - [Z,N,C,·] -> [B,H,Tp,·]
     gc = by_head(z.gt.gc, h)
     a = jnp.broadcast_to(gc[..., None], gc.shape + (k.shape[-1],))
-    return KernelOperands(flat(Q * z.gt.eg[..., None]), flat(P), flat(z.Kd), flat(z.U), flat(z.W), a)
+    return StatePassOperands(flat(Q * z.gt.eg[..., None]), flat(P), flat(z.Kd), flat(z.U), flat(z.W), a)
 
 
 # ----------------------------------------------------------------------------- sequence-parallel summary

@@ -15,12 +15,13 @@ Tiles: ``H100_TILES`` compiled for a GPU, ``INTERPRET_TILES`` in the Mosaic GPU 
 Evidence ``gpu:interpret`` (numerics) and ``gpu:aot``: forward, reverse state pass and chunk-parallel
 backward compile for an H100 without register spills (docs/gpu_compile_report.md).
 
-(Gated) delta rule (:func:`delta`): the chunk-parallel WY part (gates, ``A``, the triangular inverse as
-matmuls, ``U``, ``W``, the intra-chunk scores) is ``seqmix.ops._delta_chunk.kernel_operands`` in plain jnp
-(batched XLA matmuls on the GPU, differentiated by JAX); the sequential state pass and its VJP are
-:mod:`pallas_kernels.gpu.delta_rule`. Its chunk is the kernel's (64 rows: the ``wgmma`` M), whatever
-``chunk_size`` the call names (the result does not depend on it). Both kernels compile for an H100
-without spills (docs/gpu_compile_report.md): evidence ``gpu:interpret`` and ``gpu:aot``.
+(Gated) delta rule (:func:`delta`): two kernels. :mod:`pallas_kernels.gpu.delta_wy` forms the chunk-parallel
+WY part (``A``, the triangular inverse as matmuls, ``U``, ``W``, the intra-chunk scores; its VJP is XLA
+batched matmuls from the saved inverse), :mod:`pallas_kernels.gpu.delta_rule` runs the sequential state
+pass and its VJP; the per-token gate factors between them are plain jnp. The chunk is the kernels' (64
+rows: the ``wgmma`` M), whatever ``chunk_size`` the call names (the result does not depend on it). The
+kernels compile for an H100 without spills (docs/gpu_compile_report.md): evidence ``gpu:interpret`` and
+``gpu:aot``.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import jax.numpy as jnp
 
 from pallas_kernels import _target
 from pallas_kernels.gpu import delta_rule as dr_kernel
+from pallas_kernels.gpu import delta_wy as wy_kernel
 from pallas_kernels.gpu import gated_linear as gl_kernel
-from seqmix.ops import _delta_chunk, _registry
+from seqmix.ops import _registry
 from seqmix.ops._recurrent import RecurrentCall
 from seqmix.ops.block_meta import pad_to
 
@@ -124,15 +126,16 @@ def _delta_config(call: RecurrentCall) -> dr_kernel.DeltaGpuConfig:
 
 
 def _run_delta(call: RecurrentCall):
-    """Operands from the shared WY part, then the state-pass kernel (values padded as for gated-linear)."""
+    """The WY kernel's operands, then the state-pass kernel (values padded as for gated-linear)."""
     cfg = _delta_config(call)
     b, t, h, dk = call.q.shape
     dv = call.v.shape[-1]
     v, h0 = _padded_values(call, cfg.tiles.block_dv)
     if h0 is None:
         h0 = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
-    ops = _delta_chunk.kernel_operands(call.q, call.k, v, call.beta, call.g, call.resets, scale=float(call.scale),
-                                       chunk=cfg.tiles.chunk)
+    wy_cfg = wy_kernel.WYConfig(scale=float(call.scale), dtype=cfg.dtype, chunk=cfg.tiles.chunk,
+                                interpret=cfg.interpret)
+    ops = wy_kernel.state_pass_operands(wy_cfg, call.q, call.k, v, call.beta, call.g, call.resets)
     o, final = dr_kernel.state_pass(cfg, *ops, h0)
     o = jnp.moveaxis(o, 1, 2)[:, :t, :, :dv]
     return call.finish(o, final[..., :dv])
@@ -140,9 +143,9 @@ def _run_delta(call: RecurrentCall):
 
 def _describe_delta(call: RecurrentCall) -> str:
     cfg = _delta_config(call)
-    return (f"WY operands in XLA (seqmix.ops._delta_chunk.kernel_operands), state pass "
-            f"pallas_kernels.gpu.delta_rule (seqmix_delta_fwd/bwd, {_where(cfg.interpret)}): chunk={cfg.tiles.chunk}, "
-            f"block_dv={cfg.tiles.block_dv}, input ring stages={cfg.tiles.stages}")
+    return (f"pallas_kernels.gpu.delta_wy (seqmix_delta_wy: A, T = (I + A)^-1 as matmuls, U, W, P; VJP in XLA) "
+            f"and pallas_kernels.gpu.delta_rule (state pass seqmix_delta_fwd/bwd), {_where(cfg.interpret)}: "
+            f"chunk={cfg.tiles.chunk}, block_dv={cfg.tiles.block_dv}, input ring stages={cfg.tiles.stages}")
 
 
 def delta() -> _registry.Implementation:
