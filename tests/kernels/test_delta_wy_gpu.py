@@ -1,6 +1,7 @@
-"""Mosaic GPU WY kernel of the (gated) delta rule (``pallas_kernels.gpu.delta_wy``) in the Mosaic GPU
-interpreter on CPU, against ``seqmix.ops._delta_chunk.kernel_operands`` (the same operands in plain jnp:
-blocked forward substitution for the inverse, fp32 ``HIGHEST`` matmuls, differentiated by JAX).
+"""Mosaic GPU WY kernels of the (gated) delta rule (``pallas_kernels.gpu.delta_wy``: the forward and its two
+backward kernels) in the Mosaic GPU interpreter on CPU, against ``seqmix.ops._delta_chunk.kernel_operands``
+(the same operands in plain jnp: blocked forward substitution for the inverse, fp32 ``HIGHEST`` matmuls,
+differentiated by JAX).
 
 Forward and every input's gradient at lengths that are not chunk multiples, with documents ending inside a
 chunk and on a chunk boundary, Dv over one, two and three 64-column value blocks (the V ring wraps), and
@@ -145,5 +146,23 @@ def test_refusals_block_ids_and_shared_memory():
     ids = np.asarray(wyk.block_ids(64))
     assert ids.shape == (7, 64)
     np.testing.assert_array_equal(ids[3], np.arange(64) // 8)
-    for dtype in (jnp.bfloat16, jnp.float16):  # fits up to Dk = 192 (the state pass up to 128)
-        assert wyk.smem_bytes(64, 192, dtype) <= fa.MAX_SMEM_BYTES < wyk.smem_bytes(64, 256, dtype)
+    for dtype in (jnp.bfloat16, jnp.float16):  # Dk = 128 fits (the production head; 192 does not: bwd_k)
+        assert max(wyk.smem_bytes(64, 128, dtype).values()) <= fa.MAX_SMEM_BYTES
+        assert wyk.smem_bytes(64, 192, dtype)["bwd_k"] > fa.MAX_SMEM_BYTES
+
+
+def test_compiled_calls_refused_where_shared_memory_runs_out():
+    """On a GPU target ``supports()`` refuses head sizes whose kernels exceed an H100 block's shared memory
+    (a compile error otherwise), naming the kernel: the delta rule's and gated-linear's at Dk = 256."""
+    from seqmix.ops._recurrent import RecurrentCall
+    from seqmix.ops.gpu import recurrent as gpu_recurrent
+
+    def call(dk, gated):
+        x = jnp.zeros((1, 64, 1, dk), jnp.bfloat16)
+        gate = jnp.zeros((1, 64, 1), jnp.float32)
+        return RecurrentCall(x, x, x, 1.0, None, False, None, None, 64, g=gate, beta=None if gated else gate)
+
+    for smem, gated in ((gpu_recurrent._smem_delta, False), (gpu_recurrent._smem_gated_linear, True)):
+        assert gpu_recurrent.shared_memory_problem(call(128, gated), smem) is None
+        why = gpu_recurrent.shared_memory_problem(call(256, gated), smem)
+        assert why is not None and why.startswith("head_dim 256: the ") and "shared memory" in why, why

@@ -11,20 +11,25 @@ initial / final state, segment resets and its own ``custom_vjp``; each family's 
 without which its bf16 dq missed the conformance tolerance (rms 0.00801 against 0.008: the normalizer's
 gradient cancels, and rounding ``dO`` to bf16 was the dominant error).
 
-Tiles: ``H100_TILES`` compiled for a GPU, ``INTERPRET_TILES`` in the Mosaic GPU interpreter on CPU.
+Tiles: ``H100_TILES`` compiled for a GPU, ``INTERPRET_TILES`` in the Mosaic GPU interpreter on CPU. A
+compiled call whose kernels would need more shared memory than an H100 block has (Dk above 128) is
+refused by ``supports()`` with the kernel's name (:func:`shared_memory_problem`), not left to fail in the
+compiler.
 Evidence ``gpu:interpret`` (numerics) and ``gpu:aot``: forward, reverse state pass and chunk-parallel
 backward compile for an H100 without register spills (docs/gpu_compile_report.md).
 
-(Gated) delta rule (:func:`delta`): two kernels. :mod:`pallas_kernels.gpu.delta_wy` forms the chunk-parallel
-WY part (``A``, the triangular inverse as matmuls, ``U``, ``W``, the intra-chunk scores; its VJP is XLA
-batched matmuls from the saved inverse), :mod:`pallas_kernels.gpu.delta_rule` runs the sequential state
-pass and its VJP; the per-token gate factors between them are plain jnp. The chunk is the kernels' (64
+(Gated) delta rule (:func:`delta`): :mod:`pallas_kernels.gpu.delta_wy` forms the chunk-parallel WY part
+(``A``, the triangular inverse as matmuls, ``U``, ``W``, the intra-chunk scores) and its VJP (two kernels
+from the saved inverse), :mod:`pallas_kernels.gpu.delta_rule` runs the sequential state pass and its VJP;
+the per-token gate factors between them are plain jnp. The chunk is the kernels' (64
 rows: the ``wgmma`` M), whatever ``chunk_size`` the call names (the result does not depend on it). The
 kernels compile for an H100 without spills (docs/gpu_compile_report.md): evidence ``gpu:interpret`` and
 ``gpu:aot``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax.numpy as jnp
 
@@ -81,7 +86,30 @@ def _run(call: RecurrentCall):
     return call.finish(o[..., :dv], final[..., :dv])
 
 
-def _supports(call: RecurrentCall) -> str | None:
+def _smem_gated_linear(call: RecurrentCall, tiles: gl_kernel.GLATiles) -> dict[str, int]:
+    need = gl_kernel.smem_bytes(tiles, call.q.shape[-1], call.v.shape[-1], call.q.dtype, _gate(call))
+    return {f"gated-linear {k}": n for k, n in need.items()}
+
+
+def _smem_delta(call: RecurrentCall, tiles: gl_kernel.GLATiles) -> dict[str, int]:
+    dk, dv, dtype = call.q.shape[-1], call.v.shape[-1], call.q.dtype
+    state = dr_kernel.smem_bytes(tiles, dk, dv, dtype, out_dtype=jnp.float32 if call.post is not None else None)
+    wy = wy_kernel.smem_bytes(tiles.chunk, dk, dtype)
+    return {**{f"state pass {k}": n for k, n in state.items()}, **{f"WY {k}": n for k, n in wy.items()}}
+
+
+def shared_memory_problem(call: RecurrentCall, smem) -> str | None:
+    """Why the H100 kernels cannot run ``call`` for lack of shared memory (None if they fit): ``smem(call,
+    tiles)`` lists each kernel's buffers at the H100 tiles (the kernel modules' ``smem_bytes``)."""
+    need = smem(call, gl_kernel.H100_TILES)
+    name, most = max(need.items(), key=lambda item: item[1])
+    if most <= gl_kernel.MAX_SMEM_BYTES:
+        return None
+    return (f"head_dim {call.q.shape[-1]}: the {name} kernel needs {most:,} B of shared memory, over the "
+            f"{gl_kernel.MAX_SMEM_BYTES:,} B of an H100 block")
+
+
+def _supports(call: RecurrentCall, smem) -> str | None:
     interpret = _target.gpu_interpret_params()
     dtype = jnp.dtype(call.q.dtype)
     if _gate(call) == "channel" and dtype == jnp.dtype(jnp.float16):
@@ -92,7 +120,7 @@ def _supports(call: RecurrentCall) -> str | None:
     dk = call.q.shape[-1]
     if dk % 64 or dk > gl_kernel.MAX_TMA_BOX:
         return f"head_dim {dk}: the Mosaic GPU kernel takes multiples of 64 up to {gl_kernel.MAX_TMA_BOX}"
-    return None
+    return shared_memory_problem(call, smem) if interpret is None else None
 
 
 def _describe(call: RecurrentCall) -> str:
@@ -111,7 +139,8 @@ def device_case(call: RecurrentCall) -> str:
 def gated_linear() -> _registry.Implementation:
     """``pallas_gpu`` for a gated-linear family (scalar or per-channel decay)."""
     return _registry.Implementation("pallas_gpu", _run, rank=10, backend="mosaic_gpu",
-                                    evidence=("gpu:interpret", "gpu:aot"), supports=_supports, describe=_describe,
+                                    evidence=("gpu:interpret", "gpu:aot"),
+                                    supports=functools.partial(_supports, smem=_smem_gated_linear), describe=_describe,
                                     device_case=device_case)
 
 
@@ -143,7 +172,8 @@ def _run_delta(call: RecurrentCall):
 
 def _describe_delta(call: RecurrentCall) -> str:
     cfg = _delta_config(call)
-    return (f"pallas_kernels.gpu.delta_wy (seqmix_delta_wy: A, T = (I + A)^-1 as matmuls, U, W, P; VJP in XLA) "
+    return (f"pallas_kernels.gpu.delta_wy (seqmix_delta_wy: A, T = (I + A)^-1 as matmuls, U, W, P; VJP "
+            f"seqmix_delta_wy_bwd_t/_k) "
             f"and pallas_kernels.gpu.delta_rule (state pass seqmix_delta_fwd/bwd), {_where(cfg.interpret)}: "
             f"chunk={cfg.tiles.chunk}, block_dv={cfg.tiles.block_dv}, input ring stages={cfg.tiles.stages}")
 
@@ -151,6 +181,6 @@ def _describe_delta(call: RecurrentCall) -> str:
 def delta() -> _registry.Implementation:
     """``pallas_gpu`` for a (gated) delta-rule family."""
     return _registry.Implementation("pallas_gpu", _run_delta, rank=10, backend="mosaic_gpu",
-                                    evidence=("gpu:interpret", "gpu:aot"), supports=_supports,
-                                    describe=_describe_delta,
+                                    evidence=("gpu:interpret", "gpu:aot"),
+                                    supports=functools.partial(_supports, smem=_smem_delta), describe=_describe_delta,
                                     device_case=device_case)
