@@ -18,11 +18,12 @@ entries of ``Aᵏ`` reach C(63, 31) ≈ 10¹⁸ while ``T`` stays bidiagonal, so
 catastrophically; the merges only multiply blocks of ``T`` and of ``A``.
 
 **fp32 products from 16-bit ``wgmma``.** ``A`` and ``T`` are fp32; the tensor cores multiply 16-bit
-operands. Each fp32 factor ``x`` is split as ``hi = bf16(x)``, ``lo = bf16(x − hi)`` (16 significant
-bits) and ``x y ≈ hi·y_hi + hi·y_lo + lo·y_hi`` (three ``wgmma``, fp32 accumulator); ``U``, ``W`` take
-``T diag(·)`` split against the exact 16-bit ``V``, ``K`` (two ``wgmma``). The relative error of the
-operands (about 2⁻¹⁶) is far below that of the 16-bit inputs (2⁻⁸). In the interpreter with fp32
-operands, each product is one exact fp32 ``wgmma``.
+operands. Each fp32 factor ``x`` is split in the operand dtype as ``hi = round(x)``, ``lo = round(x − hi)``
+(16 significant bits in bf16, 22 in fp16) and ``x y ≈ hi·y_hi + hi·y_lo + lo·y_hi`` (three ``wgmma``, fp32
+accumulator); ``U``, ``W`` take ``T diag(·)`` split against the exact 16-bit ``V``, ``K`` (two ``wgmma``).
+The relative error of the operands (about 2⁻¹⁶ in bf16) is far below that of the 16-bit inputs (2⁻⁸).
+fp16 operands keep fp16's range: a factor or cotangent beyond 65504 overflows (bf16 has fp32's range). In
+the interpreter with fp32 operands, each product is one exact fp32 ``wgmma``.
 
 Kernel layout ``[B, H, Tp, ·]``, ``Tp = N·C``: ``q, k [B, H, Tp, Dk]``, ``v [B, H, Tp, Dv]`` (the
 ``wgmma`` operand dtype), ``kT`` (XLA-transposed, so that every ``wgmma`` operand is a row-major SMEM
@@ -33,8 +34,8 @@ Dv]``, ``w [B, H, Tp, Dk]``, ``p [B, H, Tp, C]`` (chunk n's P in rows ``n·C …
 
 The backward is two more kernels of the same grid from the saved ``T`` (no autodiff through the inverse):
 :func:`_bwd_t_call` through U, W and the inverse (``dA = −Tᵀ dT Tᵀ``), then :func:`_bwd_k_call` through
-``A``, ``P``, ``Γ`` and β; plain jnp adds the per-token pieces and transposes the C×C gradient blocks. Raw kernels plus
-their ``custom_vjp``; nothing from ``seqmix`` is imported.
+``A``, ``P``, ``Γ`` and β; plain jnp adds the per-token pieces and transposes the C×C gradient blocks.
+Raw kernels plus their ``custom_vjp``; nothing from ``seqmix`` is imported.
 """
 
 from __future__ import annotations
