@@ -3,7 +3,8 @@
 DeltaNet / Gated DeltaNet (FAMILIES.md §2.7) in the chunked WY form splits into a chunk-parallel part and a
 sequential one. The chunk-parallel part (per chunk of C tokens: ``A = tril(diag(β)(K Kᵀ ⊙ Γ), −1)``,
 ``T = (I + A)⁻¹`` as matmuls, ``U = T(β ⊙ V)``, ``W = T(β ⊙ exp(G) ⊙ K)``, the intra-chunk scores) is
-:mod:`pallas_kernels.gpu.delta_wy`, one CTA per chunk. This module is the sequential part, with every gate, β and segment factor already folded into its operands::
+:mod:`pallas_kernels.gpu.delta_wy`, one CTA per chunk. This module is the sequential part, with every gate, β
+and segment factor already folded into its operands::
 
     V_new = U − W S,     O = Qg S + P V_new,     S ← a ⊙_rows S + Kdᵀ V_new
 
@@ -155,6 +156,12 @@ def _fwd_call(cfg: DeltaGpuConfig, qg, p, kd, u, w, a, h0, save_states: bool):
 # ----------------------------------------------------------------------------- backward kernel
 
 
+def chunk_transpose(x, c: int):
+    """``[B, H, Tp, C]`` (chunk n's C×C block in rows n·C …) -> the same with every block transposed."""
+    b, h, tp, _ = x.shape
+    return jnp.swapaxes(x.reshape(b, h, tp // c, c, c), 3, 4).reshape(b, h, tp, c)
+
+
 def _bwd_call(cfg: DeltaGpuConfig, qg, p, kd, w, a, do, dsf):
     """The reverse state pass: ``(dS_end [B, H, N, Dk, Dv]`` (operand dtype), ``d h0`` fp32)``."""
     b, h, tp, dk = qg.shape
@@ -164,7 +171,7 @@ def _bwd_call(cfg: DeltaGpuConfig, qg, p, kd, w, a, do, dsf):
     dt = qg.dtype
     lane = _Lane(cfg.interpret is not None)
     qgt, wt = (jnp.swapaxes(x, 2, 3) for x in (qg, w))
-    pt = jnp.swapaxes(p.reshape(b, h, n_chunks, c, c), 3, 4).reshape(b, h, tp, c)
+    pt = chunk_transpose(p, c)
 
     def body(qgt_ref, pt_ref, kd_ref, wt_ref, a_ref, do_ref, dsf_ref, dse_ref, dh0_ref,
              qgt_r, pt_r, kd_r, wt_r, a_r, do_r, ds_s, ndvn_s, dsf_s, init_bar, ring_bar):

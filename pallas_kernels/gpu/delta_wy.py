@@ -51,6 +51,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.gate_math import bounded_log_gate
 from pallas_kernels.gpu.chunk_loop import matmul_sum, tile
+from pallas_kernels.gpu.delta_rule import chunk_transpose
 from pallas_kernels.gpu.flash_attention import MAX_TMA_BOX, _bcast, _kernel, _Lane, _matmul, _smem, plgpu
 from pallas_kernels.gpu.gated_linear import (
     ROW_G,
@@ -235,12 +236,6 @@ def _fwd_call(cfg: WYConfig, q, k, v, tok, beta, save_t: bool):
 # ----------------------------------------------------------------------------- backward kernels
 
 
-def _chunk_transpose(x, c: int):
-    """``[B, H, Tp, C]`` (chunk n's C×C block in rows n·C …) -> the same with every block transposed."""
-    b, h, tp, _ = x.shape
-    return jnp.swapaxes(x.reshape(b, h, tp // c, c, c), 3, 4).reshape(b, h, tp, c)
-
-
 def _bwd_t_call(cfg: WYConfig, t, k, v, du, dw, dp, tok, beta):
     """The backward through U, W and the inverse, one CTA per chunk (``seqmix_delta_wy_bwd_t``).
 
@@ -261,7 +256,7 @@ def _bwd_t_call(cfg: WYConfig, t, k, v, du, dw, dp, tok, beta):
     n_chunks = tp // c
     dt = k.dtype
     lane = _Lane(cfg.interpret is not None)
-    tt = _chunk_transpose(t, c)
+    tt = chunk_transpose(t, c)
     kt, vt = jnp.swapaxes(k, 2, 3), jnp.swapaxes(v, 2, 3)
     sides = (dv // VALUE_BLOCK, dk // VALUE_BLOCK)  # blocks of the U side (dU, V), then the W side (dW, K)
     n_blocks = sum(sides)
@@ -370,7 +365,7 @@ def _bwd_k_call(cfg: WYConfig, q, k, da_g, ds, beta):
     dt = k.dtype
     lane = _Lane(cfg.interpret is not None)
     qt, kt = jnp.swapaxes(q, 2, 3), jnp.swapaxes(k, 2, 3)
-    da_gt, dst = _chunk_transpose(da_g, c), _chunk_transpose(ds, c)
+    da_gt, dst = chunk_transpose(da_g, c), chunk_transpose(ds, c)
 
     def body(q_ref, qt_ref, k_ref, kt_ref, da_ref, dat_ref, ds_ref, dst_ref, beta_ref, dq_ref, dk_ref, db_ref, dg_ref,
              q_s, qt_s, k_s, kt_s, da_s, dat_s, ds_s, dst_s, beta_s, xh_s, xl_s, yh_s, yl_s, zh_s, zl_s, out_s,

@@ -21,10 +21,9 @@ backward compile for an H100 without register spills (docs/gpu_compile_report.md
 (Gated) delta rule (:func:`delta`): :mod:`pallas_kernels.gpu.delta_wy` forms the chunk-parallel WY part
 (``A``, the triangular inverse as matmuls, ``U``, ``W``, the intra-chunk scores) and its VJP (two kernels
 from the saved inverse), :mod:`pallas_kernels.gpu.delta_rule` runs the sequential state pass and its VJP;
-the per-token gate factors between them are plain jnp. The chunk is the kernels' (64
-rows: the ``wgmma`` M), whatever ``chunk_size`` the call names (the result does not depend on it). The
-kernels compile for an H100 without spills (docs/gpu_compile_report.md): evidence ``gpu:interpret`` and
-``gpu:aot``.
+the per-token gate factors between them are plain jnp. The chunk is the kernels' (64 rows: the ``wgmma``
+M), whatever ``chunk_size`` the call names (the result does not depend on it). The kernels compile for an
+H100 without spills (docs/gpu_compile_report.md): evidence ``gpu:interpret`` and ``gpu:aot``.
 """
 
 from __future__ import annotations
